@@ -1,0 +1,1 @@
+"""Gradient codecs (installed as ``commlayer.codecs``)."""

@@ -1,0 +1,44 @@
+"""The package layout: codecs/ and topologies/ install as commlayer.codecs / commlayer.topologies."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_subpackages_import_from_mapped_directories() -> None:
+    import commlayer.codecs
+    import commlayer.topologies
+
+    assert Path(commlayer.codecs.__file__).parent.name == "codecs"
+    assert Path(commlayer.topologies.__file__).parent.name == "topologies"
+    # The standard library's codecs module must stay untouched.
+    import codecs
+
+    assert hasattr(codecs, "lookup")
+
+
+def test_wheel_contains_mapped_packages(tmp_path: Path) -> None:
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path), str(ROOT)],
+        check=True,
+        timeout=240,
+    )
+    (wheel,) = tmp_path.glob("commlayer-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    assert "commlayer/codecs/__init__.py" in names
+    assert "commlayer/topologies/__init__.py" in names
+    assert not any(n.startswith("codecs/") or n.startswith("topologies/") for n in names)
+    entry_points = next(n for n in names if n.endswith("entry_points.txt"))
+    text = zipfile.ZipFile(wheel).read(entry_points).decode()
+    assert "[torch.backends]" in text and "zmq = commlayer._autoload:autoload" in text
+
+
+def test_import_torch_registers_zmq_without_importing_commlayer() -> None:
+    code = "import torch.distributed as dist, sys; print('zmq' in dist.Backend.backend_list, 'commlayer.backend.process_group' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True, timeout=120)
+    assert out.stdout.split() == ["True", "False"]

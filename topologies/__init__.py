@@ -1,0 +1,1 @@
+"""Communication topologies over the commlayer transport (installed as ``commlayer.topologies``)."""
