@@ -1,0 +1,1 @@
+"""commlayer.hooks."""
