@@ -1,0 +1,75 @@
+"""Transport configuration, from environment variables or explicit values."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+
+def _env_float(name: str, default: float) -> float:
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        return float(raw)
+    except ValueError:
+        raise ValueError(f"{name}: expected a number, got {raw!r}") from None
+
+
+def _env_int(name: str, default: int) -> int:
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        return int(raw)
+    except ValueError:
+        raise ValueError(f"{name}: expected an integer, got {raw!r}") from None
+
+
+@dataclass(frozen=True)
+class TransportConfig:
+    """Knobs of the ZeroMQ transport.
+
+    Attributes:
+        port: TCP port to listen on (0 = any free port). ``COMMLAYER_PORT``.
+        ipc: use ``ipc://`` for peers on the same machine. ``COMMLAYER_IPC`` (1/0).
+        timeout: default seconds for any wait (the process-group timeout).
+        heartbeat: seconds between ZMTP heartbeats; a silent peer is declared dead after
+            about two intervals. ``COMMLAYER_HEARTBEAT``.
+        linger: seconds to flush outgoing messages at shutdown. ``COMMLAYER_LINGER``.
+        mailbox_bytes: bound on bytes buffered for operations not started yet. ``COMMLAYER_MAILBOX_BYTES``.
+        mailbox_messages: bound on such messages. ``COMMLAYER_MAILBOX_MESSAGES``.
+        copy_threshold: frames below this many bytes are copied, larger ones sent zero-copy.
+        hwm: ZeroMQ high-water mark (messages queued per peer before send blocks).
+    """
+
+    port: int = 0
+    ipc: bool = True
+    timeout: float = 1800.0
+    heartbeat: float = 2.0
+    linger: float = 2.0
+    mailbox_bytes: int = 4 << 30
+    mailbox_messages: int = 1 << 20
+    copy_threshold: int = 64 * 1024
+    hwm: int = 100_000
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.port < 65536:
+            raise ValueError(f"COMMLAYER_PORT: expected 0..65535, got {self.port}")
+        for name in ("timeout", "heartbeat"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name}: expected a positive number of seconds, got {getattr(self, name)}")
+        if self.linger < 0:
+            raise ValueError(f"linger: expected >= 0 seconds, got {self.linger}")
+
+    @classmethod
+    def from_env(cls, timeout: float | None = None) -> "TransportConfig":
+        return cls(
+            port=_env_int("COMMLAYER_PORT", 0),
+            ipc=os.environ.get("COMMLAYER_IPC", "1") not in ("0", "false", "no"),
+            timeout=timeout if timeout is not None else _env_float("COMMLAYER_TIMEOUT", 1800.0),
+            heartbeat=_env_float("COMMLAYER_HEARTBEAT", 2.0),
+            linger=_env_float("COMMLAYER_LINGER", 2.0),
+            mailbox_bytes=_env_int("COMMLAYER_MAILBOX_BYTES", 4 << 30),
+            mailbox_messages=_env_int("COMMLAYER_MAILBOX_MESSAGES", 1 << 20),
+        )

@@ -1,0 +1,377 @@
+"""The ZeroMQ transport: one listening ROUTER per rank, one DEALER per peer, a background I/O thread.
+
+Outgoing messages are written by the calling thread straight into the peer's DEALER (guarded by
+a lock); ZeroMQ's own I/O thread does the socket work. Incoming messages are read by one
+background thread, validated, and delivered into the :class:`Mailbox`, where operations pick
+them up with timeouts. Peer failure is detected from socket events (disconnect, heartbeat
+expiry) and fails every wait that needs the peer.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import zmq
+from zmq.utils.monitor import recv_monitor_message
+
+from commlayer.transport.config import TransportConfig
+from commlayer.transport.endpoints import EndpointInfo, choose_host, connect_overrides, host_id, ipc_path
+from commlayer.transport.errors import CommError, CommTimeout, PeerFailure, TransportClosed, WireError
+from commlayer.transport.mailbox import Mailbox, Message
+from commlayer.transport.wire import Header, Kind, check_frames, unpack_header
+
+logger = logging.getLogger(__name__)
+
+_HELLO = "__hello__"
+
+
+@dataclass
+class _Peer:
+    rank: int
+    endpoint: str
+    sock: zmq.Socket
+    monitor: zmq.Socket | None
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    state: str = "connecting"  # connecting | connected | left | dead
+    bytes_sent: int = 0
+    bytes_recv: int = 0
+    msgs_sent: int = 0
+    msgs_recv: int = 0
+
+
+class Transport:
+    """Moves byte frames between the ranks of one job.
+
+    Args:
+        rank: this process's global rank.
+        world_size: number of ranks.
+        config: transport knobs.
+        name: label used in log and error messages.
+    """
+
+    def __init__(self, rank: int, world_size: int, config: TransportConfig | None = None, name: str = "commlayer") -> None:
+        if not 0 <= rank < world_size:
+            raise ValueError(f"Expected 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
+        self.rank = rank
+        self.world_size = world_size
+        self.config = config or TransportConfig.from_env()
+        self.name = name
+        self.nonce = uuid.uuid4().hex[:12]
+        self.mailbox = Mailbox(self.config.mailbox_bytes, self.config.mailbox_messages)
+        self.rejected = 0
+        self._ctx = zmq.Context(io_threads=1)
+        self._router = self._ctx.socket(zmq.ROUTER)
+        self._router.setsockopt(zmq.LINGER, 0)
+        self._router.setsockopt(zmq.RCVHWM, self.config.hwm)
+        self._router.setsockopt(zmq.MAXMSGSIZE, -1)
+        self._set_heartbeat(self._router)
+        self._peers: dict[int, _Peer] = {}
+        self._listeners: list[Callable[[int, str], None]] = []
+        self._io_thread: threading.Thread | None = None
+        self._ctrl_send: zmq.Socket | None = None
+        self._closing = threading.Event()
+        self._closed = False
+        self._close_lock = threading.Lock()
+        self._ipc_file = ""
+        self.endpoint: EndpointInfo | None = None
+        self.peer_info: dict[int, EndpointInfo] = {}
+
+    def _set_heartbeat(self, sock: zmq.Socket) -> None:
+        ivl = max(1, int(self.config.heartbeat * 1000))
+        sock.setsockopt(zmq.HEARTBEAT_IVL, ivl)
+        sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, ivl)
+        sock.setsockopt(zmq.HEARTBEAT_TTL, 2 * ivl)
+
+    # ---- setup ----------------------------------------------------------------------------
+    def listen(self) -> EndpointInfo:
+        """Binds the listening socket (TCP, plus IPC for co-located peers)."""
+        host = choose_host()
+        port = self.config.port
+        addr = f"tcp://{host}:{port if port else '*'}"
+        try:
+            self._router.bind(addr)
+        except zmq.ZMQError as exc:
+            raise CommError(
+                f"rank {self.rank} could not listen on {addr} ({exc}): "
+                + ("another process (an earlier job, or a second init_process_group in this one) holds the port; "
+                   "set COMMLAYER_PORT to a free port or unset it to pick one" if exc.errno == zmq.EADDRINUSE
+                   else "set COMMLAYER_HOST to an address of this machine")) from None
+        tcp = self._router.getsockopt(zmq.LAST_ENDPOINT).decode()
+        ipc = ""
+        if self.config.ipc:
+            self._ipc_file = ipc_path(self.rank)
+            try:
+                self._router.bind(f"ipc://{self._ipc_file}")
+                ipc = f"ipc://{self._ipc_file}"
+            except zmq.ZMQError as exc:  # e.g. no writable /tmp: TCP still works
+                logger.info("rank %d: no ipc endpoint (%s); co-located peers use TCP", self.rank, exc)
+                self._ipc_file = ""
+        if not host.startswith("127.") and host != "localhost":
+            logger.warning("rank %d listens on %s without encryption: anyone who can reach this port can talk to it; "
+                           "keep it on a private network", self.rank, tcp)
+        self.endpoint = EndpointInfo(self.rank, tcp, ipc, host_id(), os.getpid(), self.nonce)
+        return self.endpoint
+
+    def connect(self, endpoints: dict[int, EndpointInfo]) -> None:
+        """Connects one DEALER to every peer and starts the I/O thread."""
+        if self.endpoint is None:
+            raise RuntimeError("Expected listen() before connect()")
+        self.peer_info = dict(endpoints)
+        overrides = connect_overrides()
+        for p, info in sorted(endpoints.items()):
+            if p == self.rank:
+                continue
+            if p in overrides:
+                ep = overrides[p]
+            elif info.ipc and info.host_id == self.endpoint.host_id:
+                ep = info.ipc
+            else:
+                ep = info.tcp
+            sock = self._ctx.socket(zmq.DEALER)
+            sock.setsockopt(zmq.ROUTING_ID, f"r{self.rank}".encode())
+            sock.setsockopt(zmq.SNDHWM, self.config.hwm)
+            sock.setsockopt(zmq.LINGER, int(self.config.linger * 1000))
+            sock.setsockopt(zmq.SNDTIMEO, int(self.config.timeout * 1000))
+            sock.setsockopt(zmq.RECONNECT_IVL, 100)
+            self._set_heartbeat(sock)
+            monitor = sock.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED | zmq.EVENT_HANDSHAKE_FAILED_AUTH
+                                              | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL)
+            sock.connect(ep)
+            self._peers[p] = _Peer(p, ep, sock, monitor)
+        ctrl_recv = self._ctx.socket(zmq.PAIR)
+        ctrl_recv.bind(f"inproc://ctrl-{self.nonce}")
+        self._ctrl_send = self._ctx.socket(zmq.PAIR)
+        self._ctrl_send.connect(f"inproc://ctrl-{self.nonce}")
+        self._io_thread = threading.Thread(target=self._io_loop, args=(ctrl_recv,), name=f"commlayer-io-{self.rank}", daemon=True)
+        self._io_thread.start()
+
+    def handshake(self, timeout: float) -> None:
+        """Exchanges HELLO with every peer, proving both directions work before the first op."""
+        for p in self._peers:
+            self.send(p, Header(Kind.HELLO, "hello", _HELLO, 0, 0, 0, self.rank,
+                                meta={"world_size": self.world_size, "nonce": self.nonce}), [])
+        deadline = time.monotonic() + timeout
+        for p in self._peers:
+            try:
+                msg = self.mailbox.take((_HELLO, 0, 0, 0, p), max(0.0, deadline - time.monotonic()), "connection handshake")
+            except CommTimeout:
+                missing = [q for q in self._peers if self._peers[q].msgs_recv == 0]
+                raise CommTimeout(f"rank {self.rank} ({self.name}): no handshake from ranks {missing} within {timeout:.0f} s; "
+                                  f"this rank connects to " + ", ".join(f"{q}->{self._peers[q].endpoint}" for q in missing)
+                                  + ". Check COMMLAYER_HOST on those ranks, firewalls and COMMLAYER_CONNECT_OVERRIDES") from None
+            if msg.header.meta.get("world_size") != self.world_size:
+                raise CommError(f"rank {p} runs with world_size {msg.header.meta.get('world_size')}, this rank with {self.world_size}")
+
+    # ---- data path ------------------------------------------------------------------------
+    def send(self, peer: int, header: Header, frames: Sequence[Any], track: bool = False) -> list[zmq.MessageTracker]:
+        """Sends a header and raw frames to ``peer``; large frames go zero-copy.
+
+        The caller must not modify a zero-copy buffer until the peer has received it (a later
+        reply proves that) or, with ``track=True``, until the returned trackers are done.
+        """
+        if peer == self.rank:
+            self.mailbox.deliver(Message(header, [memoryview(f).cast("B") if not isinstance(f, bytes) else f for f in frames]))
+            return []
+        p = self._peers.get(peer)
+        if p is None:
+            raise ValueError(f"Expected a peer rank in [0, {self.world_size}), got {peer}")
+        if p.state in ("dead", "left") or self._closing.is_set():
+            if self._closing.is_set():
+                raise TransportClosed(f"{header.op} #{header.seq}: the transport of rank {self.rank} is shut down")
+            raise PeerFailure(f"{header.op} #{header.seq} in {header.channel!r}: cannot send to rank {peer}, it "
+                              + ("shut down" if p.state == "left" else "failed"), peer=peer)
+        if frames and not header.nbytes:
+            header = _with_sizes(header, frames)
+        hdr = header.pack()
+        trackers: list[zmq.MessageTracker] = []
+        threshold = self.config.copy_threshold
+        n = len(frames)
+        with p.lock:
+            try:
+                p.sock.send(hdr, zmq.SNDMORE if n else 0)
+                for i, f in enumerate(frames):
+                    big = len(f) >= threshold if isinstance(f, (bytes, bytearray)) else memoryview(f).nbytes >= threshold
+                    flags = zmq.SNDMORE if i < n - 1 else 0
+                    if big and track:
+                        trackers.append(p.sock.send(f, flags, copy=False, track=True))
+                    else:
+                        p.sock.send(f, flags, copy=not big)
+            except zmq.Again:
+                raise CommTimeout(f"{header.op} #{header.seq}: sending to rank {peer} blocked for {self.config.timeout:.0f} s "
+                                  f"({self.config.hwm} messages queued); rank {peer} is not receiving") from None
+            p.msgs_sent += 1
+            p.bytes_sent += sum(header.nbytes)
+        return trackers
+
+    def recv(self, channel: str, seq: int, step: int, chunk: int, src: int, timeout: float | None = None,
+             what: str = "") -> Message:
+        """Waits for the message (channel, seq, step, chunk) from ``src``."""
+        return self.mailbox.take((channel, seq, step, chunk, src), self.config.timeout if timeout is None else timeout,
+                                 what or f"{channel} #{seq} step {step}")
+
+    def add_failure_listener(self, callback: Callable[[int, str], None]) -> None:
+        """``callback(peer, reason)`` runs (on the I/O thread) when a peer fails."""
+        self._listeners.append(callback)
+
+    def remove_failure_listener(self, callback: Callable[[int, str], None]) -> None:
+        if callback in self._listeners:
+            self._listeners.remove(callback)
+
+    def peer_stats(self) -> dict[int, dict[str, Any]]:
+        return {p: {"endpoint": x.endpoint, "state": x.state, "bytes_sent": x.bytes_sent, "bytes_recv": x.bytes_recv,
+                    "msgs_sent": x.msgs_sent, "msgs_recv": x.msgs_recv} for p, x in self._peers.items()}
+
+    # ---- I/O thread ---------------------------------------------------------------------------
+    def _io_loop(self, ctrl: zmq.Socket) -> None:
+        poller = zmq.Poller()
+        poller.register(self._router, zmq.POLLIN)
+        poller.register(ctrl, zmq.POLLIN)
+        monitors = {}
+        for p in self._peers.values():
+            if p.monitor is not None:
+                poller.register(p.monitor, zmq.POLLIN)
+                monitors[p.monitor] = p
+        try:
+            while True:
+                events = dict(poller.poll(1000))
+                if ctrl in events:
+                    break
+                if self._router in events:
+                    for _ in range(4096):
+                        try:
+                            frames = self._router.recv_multipart(zmq.NOBLOCK, copy=False)
+                        except zmq.Again:
+                            break
+                        self._handle(frames)
+                for sock, p in monitors.items():
+                    if sock in events:
+                        self._handle_monitor(sock, p)
+        except Exception as exc:  # pragma: no cover - defensive: never die silently
+            logger.exception("rank %d: I/O thread crashed", self.rank)
+            self.mailbox.close(CommError(f"rank {self.rank}: the commlayer I/O thread crashed: {exc!r}"))
+        finally:
+            ctrl.close(linger=0)
+            for sock in monitors:
+                sock.close(linger=0)
+
+    def _handle(self, frames: list[zmq.Frame]) -> None:
+        ident = frames[0].bytes
+        try:
+            if len(frames) < 2:
+                raise WireError("expected an envelope and a header frame, got only the envelope")
+            header = unpack_header(frames[1].buffer)
+            payload = frames[2:]
+            check_frames(header, payload)
+            if not (0 <= header.src < self.world_size) or ident != f"r{header.src}".encode() or header.src == self.rank:
+                raise WireError(f"header claims src={header.src} but the connection identifies as {ident!r}")
+        except WireError as exc:
+            self.rejected += 1
+            logger.error("rank %d rejected a message from connection %r: %s", self.rank, ident, exc)
+            return
+        p = self._peers[header.src]
+        p.msgs_recv += 1
+        p.bytes_recv += sum(header.nbytes)
+        if header.kind == Kind.DATA or header.kind == Kind.HELLO:
+            try:
+                self.mailbox.deliver(Message(header, payload))
+            except WireError as exc:
+                self.rejected += 1
+                logger.error("rank %d: %s", self.rank, exc)
+                self._peer_down(header.src, f"protocol error: {exc}")
+        elif header.kind == Kind.BYE:
+            p.state = "left"
+            self.mailbox.peer_failed(header.src, "it shut down its process group (destroy_process_group or exit) before sending")
+            for cb in list(self._listeners):
+                cb(header.src, "left")
+        elif header.kind == Kind.PING:
+            try:
+                self.send(header.src, Header(Kind.PONG, "pong", header.channel, header.seq, 0, 0, self.rank, meta=header.meta), [])
+            except CommError:
+                pass
+        else:  # PONG: delivered like data for whoever probes
+            self.mailbox.deliver(Message(header, payload))
+
+    def _handle_monitor(self, sock: zmq.Socket, p: _Peer) -> None:
+        while True:
+            try:
+                ev = recv_monitor_message(sock, zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            except zmq.ZMQError:
+                return
+            event = ev["event"]
+            if event == zmq.EVENT_CONNECTED:
+                if p.state == "connecting":
+                    p.state = "connected"
+            elif event == zmq.EVENT_DISCONNECTED:
+                if p.state == "connected" and not self._closing.is_set():
+                    self._peer_down(p.rank, f"its connection ({p.endpoint}) dropped: the process died or the network failed")
+            elif event in (zmq.EVENT_HANDSHAKE_FAILED_AUTH, zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL):
+                logger.error("rank %d: handshake with rank %d at %s failed (event %s)", self.rank, p.rank, p.endpoint, event)
+
+    def _peer_down(self, peer: int, reason: str) -> None:
+        p = self._peers[peer]
+        if p.state == "dead":
+            return
+        p.state = "dead"
+        logger.warning("rank %d: rank %d failed: %s", self.rank, peer, reason)
+        self.mailbox.peer_failed(peer, reason)
+        for cb in list(self._listeners):
+            try:
+                cb(peer, reason)
+            except Exception:  # pragma: no cover - listener bugs must not kill the I/O thread
+                logger.exception("failure listener raised")
+
+    # ---- shutdown -----------------------------------------------------------------------------
+    def close(self) -> None:
+        """Says goodbye to every peer, flushes (up to ``linger`` s), and frees sockets and threads."""
+        with self._close_lock:
+            if self._closed:
+                return
+            self._closed = True
+        for p in self._peers.values():
+            if p.state in ("connecting", "connected"):
+                try:
+                    with p.lock:
+                        p.sock.send(Header(Kind.BYE, "bye", _HELLO, 0, 0, 0, self.rank).pack(), zmq.NOBLOCK)
+                except zmq.ZMQError:
+                    pass
+        self._closing.set()
+        if self._io_thread is not None and self._ctrl_send is not None:
+            self._ctrl_send.send(b"stop")
+            self._io_thread.join(timeout=10)
+        self.mailbox.close(TransportClosed(f"rank {self.rank}: the commlayer transport was shut down"))
+        linger = int(self.config.linger * 1000)
+        for p in self._peers.values():
+            try:
+                if p.monitor is not None:
+                    p.sock.disable_monitor()
+            except zmq.ZMQError:
+                pass
+            p.sock.close(linger=0 if p.state == "dead" else linger)
+        if self._ctrl_send is not None:
+            self._ctrl_send.close(linger=0)
+        self._router.close(linger=0)
+        self._ctx.term()
+        if self._ipc_file:
+            try:
+                os.unlink(self._ipc_file)
+            except OSError:
+                pass
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+
+def _with_sizes(header: Header, frames: Sequence[Any]) -> Header:
+    from dataclasses import replace
+
+    return replace(header, nbytes=tuple(f.nbytes if isinstance(f, memoryview) else len(f) if isinstance(f, (bytes, bytearray))
+                                        else memoryview(f).nbytes for f in frames))

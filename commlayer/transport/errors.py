@@ -1,0 +1,27 @@
+"""Exceptions raised by the transport and everything built on it."""
+
+from __future__ import annotations
+
+
+class CommError(RuntimeError):
+    """Base class for every communication failure commlayer reports."""
+
+
+class CommTimeout(CommError, TimeoutError):
+    """A wait exceeded its timeout (the process-group timeout or a per-call one)."""
+
+
+class PeerFailure(CommError):
+    """A peer died, disconnected or left while an operation still needed it."""
+
+    def __init__(self, message: str, peer: int | None = None) -> None:
+        super().__init__(message)
+        self.peer = peer
+
+
+class WireError(CommError, ValueError):
+    """A malformed, unexpected or oversized message arrived; it was rejected."""
+
+
+class TransportClosed(CommError):
+    """The transport (or the process group over it) was shut down."""

@@ -1,0 +1,54 @@
+"""Recursive doubling all-reduce: ceil(log2 p) rounds, the latency optimum for small messages.
+
+Thakur, Rabenseifner & Gropp, "Optimization of collective communication operations in MPICH"
+(IJHPCA 2005). Non-power-of-two sizes fold the first 2r ranks in pairs before the exchange and
+unfold after it. Every rank combines the same operands in the same pairing, so all ranks end
+with bitwise-identical results.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from commlayer.topologies.comm import OpComm
+from commlayer.topologies.reduce_ops import ReduceOp, combine_
+
+
+def recursive_doubling_allreduce(comm: OpComm, flat: torch.Tensor, op: ReduceOp) -> None:
+    """All-reduces ``flat`` in place (AVG is left as a SUM; the caller divides)."""
+    p, rank, n = comm.size, comm.rank, flat.numel()
+    if p == 1:
+        return
+    pof2 = 1 << (p.bit_length() - 1)
+    rem = p - pof2
+    if rank < 2 * rem:
+        if rank % 2 == 0:
+            comm.send_tensor(rank + 1, 0, flat, copy=True)
+            newrank = -1
+        else:
+            combine_(flat, comm.recv_tensor(rank - 1, 0, flat.dtype, n), op)
+            newrank = rank // 2
+    else:
+        newrank = rank - rem
+    if newrank >= 0:
+        mask, step = 1, 1
+        while mask < pof2:
+            partner = newrank ^ mask
+            peer = partner * 2 + 1 if partner < rem else partner + rem
+            comm.send_tensor(peer, step, flat, copy=True)
+            other = comm.recv_tensor(peer, step, flat.dtype, n)
+            # Same operand order on both sides, so both hold identical bits.
+            if partner < newrank:
+                res = other.clone()
+                combine_(res, flat, op)
+                flat.copy_(res)
+            else:
+                combine_(flat, other, op)
+            mask <<= 1
+            step += 1
+    final = 64
+    if rank < 2 * rem:
+        if rank % 2 == 1:
+            comm.send_tensor(rank - 1, final, flat, copy=True)
+        else:
+            flat.copy_(comm.recv_tensor(rank + 1, final, flat.dtype, n))

@@ -1,0 +1,125 @@
+"""Chunked, pipelined ring: reduce-scatter, all-gather and their composition, all-reduce.
+
+Patarasuk & Yuan, "Bandwidth optimal all-reduce algorithms for clusters of workstations"
+(JPDC 2009). Each rank sends 2(p-1)/p of the data, the bandwidth optimum. Blocks are cut into
+chunks, and a chunk is forwarded as soon as it is reduced, so every link stays busy and a long
+fat link can hold many chunks in flight. The ring may follow any order (a permutation of the
+group ranks), so the adaptation layer can route around slow links.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator, Sequence
+
+import torch
+
+from commlayer.topologies.comm import OpComm
+from commlayer.topologies.reduce_ops import ReduceOp, combine_
+
+DEFAULT_CHUNK_BYTES = 1 << 20
+
+
+def _chunks(lo: int, hi: int, chunk: int) -> Iterator[tuple[int, int, int]]:
+    j = 0
+    a = lo
+    while a < hi:
+        b = min(hi, a + chunk)
+        yield j, a, b
+        j += 1
+        a = b
+
+
+def even_bounds(n: int, parts: int) -> list[tuple[int, int]]:
+    """Splits ``n`` elements into ``parts`` contiguous blocks differing by at most one element."""
+    q, r = divmod(n, parts)
+    out, lo = [], 0
+    for i in range(parts):
+        hi = lo + q + (1 if i < r else 0)
+        out.append((lo, hi))
+        lo = hi
+    return out
+
+
+class _Ring:
+    def __init__(self, comm: OpComm, flat: torch.Tensor, bounds: Sequence[tuple[int, int]], order: Sequence[int] | None,
+                 chunk_bytes: int) -> None:
+        p = comm.size
+        self.order = list(order) if order is not None else list(range(p))
+        if sorted(self.order) != list(range(p)):
+            raise ValueError(f"Expected the ring order to be a permutation of range({p}), got {self.order}")
+        if len(bounds) != p:
+            raise ValueError(f"Expected {p} blocks, got {len(bounds)}")
+        self.comm, self.flat, self.p = comm, flat, p
+        self.pos = self.order.index(comm.rank)
+        self.nxt = self.order[(self.pos + 1) % p]
+        self.prv = self.order[(self.pos - 1) % p]
+        # Blocks are indexed by ring position: position k ends the reduce-scatter owning group rank order[k]'s block.
+        self.blocks = [bounds[self.order[k]] for k in range(p)]
+        self.chunk = max(1, chunk_bytes // max(1, flat.element_size()))
+
+    def block(self, k: int) -> tuple[int, int]:
+        return self.blocks[k % self.p]
+
+    def send_block(self, step: int, k: int) -> None:
+        lo, hi = self.block(k)
+        for j, a, b in _chunks(lo, hi, self.chunk):
+            self.comm.send_tensor(self.nxt, step, self.flat[a:b], chunk=j)
+
+    def recv_chunks(self, step: int, k: int) -> Iterator[tuple[int, int, int, torch.Tensor]]:
+        lo, hi = self.block(k)
+        for j, a, b in _chunks(lo, hi, self.chunk):
+            yield j, a, b, self.comm.recv_tensor(self.prv, step, self.flat.dtype, b - a, chunk=j)
+
+    def reduce_scatter(self, op: ReduceOp, then_allgather: bool) -> None:
+        p, pos, flat = self.p, self.pos, self.flat
+        self.send_block(0, pos - 1)
+        for s in range(p - 1):
+            last = s == p - 2
+            for j, a, b, t in self.recv_chunks(s, pos - s - 2):
+                combine_(flat[a:b], t, op)
+                if not last or then_allgather:
+                    self.comm.send_tensor(self.nxt, s + 1, flat[a:b], chunk=j)
+
+    def allgather(self, step0: int, send_first: bool) -> None:
+        p, pos, flat = self.p, self.pos, self.flat
+        if send_first:
+            self.send_block(step0, pos)
+        for s in range(p - 1):
+            for j, a, b, t in self.recv_chunks(step0 + s, pos - s - 1):
+                flat[a:b].copy_(t)
+                if s < p - 2:
+                    self.comm.send_tensor(self.nxt, step0 + s + 1, flat[a:b], chunk=j)
+
+
+def ring_allreduce(comm: OpComm, flat: torch.Tensor, op: ReduceOp, order: Sequence[int] | None = None,
+                   chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> None:
+    """All-reduces the 1-D contiguous ``flat`` in place (AVG is left as a SUM; the caller divides)."""
+    if comm.size == 1 or flat.numel() == 0:
+        return
+    ring = _Ring(comm, flat, even_bounds(flat.numel(), comm.size), order, chunk_bytes)
+    ring.reduce_scatter(op, then_allgather=True)
+    ring.allgather(comm.size - 1, send_first=False)
+    comm.finish()
+
+
+def ring_reduce_scatter(comm: OpComm, flat: torch.Tensor, op: ReduceOp, bounds: Sequence[tuple[int, int]],
+                        order: Sequence[int] | None = None, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> None:
+    """Reduces ``flat`` so that this rank's block ``bounds[comm.rank]`` holds the reduction over all ranks.
+
+    Other blocks are left with partial sums.
+    """
+    if comm.size == 1:
+        return
+    ring = _Ring(comm, flat, bounds, order, chunk_bytes)
+    ring.reduce_scatter(op, then_allgather=False)
+    comm.finish()
+
+
+def ring_allgather(comm: OpComm, flat: torch.Tensor, bounds: Sequence[tuple[int, int]], order: Sequence[int] | None = None,
+                   chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> None:
+    """Fills every block of ``flat`` from its owner: rank r contributes ``flat[bounds[r]]``."""
+    if comm.size == 1:
+        return
+    ring = _Ring(comm, flat, bounds, order, chunk_bytes)
+    ring.allgather(0, send_first=True)
+    comm.finish()
