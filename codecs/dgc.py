@@ -78,6 +78,7 @@ class DGC(SparseCodec):
     codec_id = "dgc"
     Config = DGCConfig
     stateful = True
+    keeps_residual = True
     fixed_size = False
 
     def __init__(self, config: DGCConfig | None = None, **options: Any) -> None:

@@ -36,7 +36,7 @@ class ErrorFeedback(Codec):
             raise TypeError(f"Expected a Codec to wrap, got {type(inner).__name__}")
         if isinstance(inner, ErrorFeedback):
             raise ValueError("Expected a codec without error feedback, got one already wrapped in '+ef'")
-        if inner.stateful:
+        if getattr(inner, "keeps_residual", False):
             raise ValueError(f"Codec {inner!r} keeps its own residual/state; drop '+ef'")
         self.inner = inner
         self.kind = inner.kind

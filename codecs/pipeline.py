@@ -51,6 +51,7 @@ class Pipeline(Codec):
         self.unbiased = all(s.unbiased for s in stages)
         self.needs_shared_seed = any(s.needs_shared_seed for s in stages)
         self.stateful = any(s.stateful for s in stages)
+        self.keeps_residual = bool(getattr(first, "keeps_residual", False))
         self.fixed_size = all(s.fixed_size for s in stages)
         self.kind = first.kind if len(stages) == 1 else "dense"
 
