@@ -52,7 +52,8 @@ def _handle(c: socket.socket, warmup_s: float) -> None:
                 t_first = now
             total += n
             t_last = now
-            if not mark_t and now - t_first >= warmup_s:
+            # Mark only after a read that drained the socket, so no earlier byte counts as later.
+            if not mark_t and now - t_first >= warmup_s and n < len(buf):
                 mark_t, mark_b = now, total
         rate = (total - mark_b) * 8 / (t_last - mark_t) / 1e6 if mark_t and t_last > mark_t else 0.0
         res = {"bytes": total, "seconds": t_last - t_first, "rate_mbit": rate, "first_byte_t": t_first}

@@ -17,9 +17,6 @@ import asyncio
 import json
 import logging
 import multiprocessing as mp
-import os
-import socket
-import subprocess
 import sys
 import threading
 import time
@@ -27,6 +24,7 @@ from multiprocessing.connection import Connection
 from typing import Any, Sequence
 
 from commlayer.wan.matrix import LinkMatrix
+from commlayer.wan._proc import ControlledChild
 from commlayer.wan.relay_core import RelayCore
 
 logger = logging.getLogger(__name__)
@@ -95,32 +93,25 @@ class RelayWorld:
         self.host = host
         self.t0 = time.monotonic() if t0 is None else t0
         targets = [(host, p) for p in self.listen_ports]
-        self._runner: threading.Thread | subprocess.Popen[bytes]
-        self._closed = False
+        payload = (links, targets, self.t0, seed, host)
+        self._thread: threading.Thread | None = None
+        self._proc: ControlledChild | None = None
         if in_thread:
             self._conn, self._child = mp.Pipe()
-            args = (links, targets, self.t0, seed, host, self._child)
-            self._runner = threading.Thread(target=_serve, args=args, name="wan-relay", daemon=True)
-            self._runner.start()
-        else:
-            # A fresh interpreter (not multiprocessing spawn) so callers' scripts need no
-            # ``if __name__ == "__main__"`` guard; control travels over a socketpair.
-            a, b = socket.socketpair()
-            self._conn, self._child = Connection(a.detach()), Connection(b.detach())
-            self._runner = subprocess.Popen([sys.executable, "-m", "commlayer.wan.relay", str(self._child.fileno())],
-                                            pass_fds=(self._child.fileno(),), stdin=subprocess.DEVNULL)
-            self._child.close()
-            self._conn.send((links, targets, self.t0, seed, host))
-        try:
+            self._thread = threading.Thread(target=_serve, args=payload + (self._child,), name="wan-relay", daemon=True)
+            self._thread.start()
             if not self._conn.poll(_START_TIMEOUT_S):
+                self.close()
                 raise RuntimeError(f"relays did not start within {_START_TIMEOUT_S} s")
-            kind, payload = self._conn.recv()
+            kind, ports = self._conn.recv()
             if kind != "ready":
-                raise RuntimeError(f"relays failed to start: {payload}")
-            self.relay_ports: dict[tuple[int, int], int] = payload
-        except BaseException:
-            self.close()
-            raise
+                self.close()
+                raise RuntimeError(f"relays failed to start: {ports}")
+        else:
+            self._proc = ControlledChild("commlayer.wan.relay", payload, _START_TIMEOUT_S)
+            ports = self._proc.ready_value
+        self.relay_ports: dict[tuple[int, int], int] = ports
+        self._closed = False
         logger.info("started %d relays for %s", len(self.relay_ports), links.name)
 
     def endpoint(self, src: int, dst: int) -> str:
@@ -135,6 +126,8 @@ class RelayWorld:
 
     def stats(self) -> dict[tuple[int, int], dict[str, float]]:
         """Per directed link counters (bytes, units, stalls, queued) from the relay loop."""
+        if self._proc is not None:
+            return self._proc.call("stats", _CALL_TIMEOUT_S)
         self._conn.send("stats")
         if not self._conn.poll(_CALL_TIMEOUT_S):
             raise RuntimeError("relay stats timed out")
@@ -149,26 +142,22 @@ class RelayWorld:
 
     def close(self) -> None:
         """Stops the relays and closes every socket; idempotent."""
-        if self._closed:
+        if getattr(self, "_closed", False):
             return
         self._closed = True
+        if self._proc is not None:
+            self._proc.close()
+            return
         try:
             self._conn.send("stop")
             if self._conn.poll(5.0):
                 self._conn.recv()
         except (OSError, EOFError):
             pass
-        if isinstance(self._runner, threading.Thread):
-            self._runner.join(timeout=5.0)
-            self._child.close()
-        else:
-            try:
-                self._runner.wait(timeout=5.0)
-            except subprocess.TimeoutExpired:
-                logger.warning("relay process did not stop; killing it")
-                self._runner.kill()
-                self._runner.wait(timeout=5.0)
+        if self._thread is not None:
+            self._thread.join(timeout=5.0)
         self._conn.close()
+        self._child.close()
 
     def __enter__(self) -> "RelayWorld":
         return self
