@@ -78,7 +78,7 @@ def test_int8_matches_numpy_reference(x: np.ndarray, block: int) -> None:
 def test_sign_matches_numpy(x: np.ndarray) -> None:
     y = _rt("sign", x)
     scale = np.float32(np.abs(x.astype(np.float64)).mean()) if x.size else 0
-    np.testing.assert_allclose(y, np.where(np.signbit(x), -scale, scale), rtol=1e-5)
+    np.testing.assert_allclose(y, np.where(np.signbit(x), -scale, scale), rtol=1e-4)  # scale accumulates in float32
     assert np.array_equal(_rt("sign:scale=none", x), np.where(np.signbit(x), -1.0, 1.0).astype(np.float32))
 
 
