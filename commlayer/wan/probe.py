@@ -42,6 +42,7 @@ def _handle(c: socket.socket, warmup_s: float) -> None:
                 except ConnectionError:
                     return
         total, t_first, t_last, mark_t, mark_b = 0, 0.0, 0.0, 0.0, 0
+        timeline: list[tuple[float, int]] = []
         buf = bytearray(_CHUNK)
         while True:
             n = c.recv_into(buf)
@@ -52,11 +53,15 @@ def _handle(c: socket.socket, warmup_s: float) -> None:
                 t_first = now
             total += n
             t_last = now
+            if not timeline or now - timeline[-1][0] >= 0.02:
+                timeline.append((now, total))
             # Mark only after a read that drained the socket, so no earlier byte counts as later.
             if not mark_t and now - t_first >= warmup_s and n < len(buf):
                 mark_t, mark_b = now, total
         rate = (total - mark_b) * 8 / (t_last - mark_t) / 1e6 if mark_t and t_last > mark_t else 0.0
-        res = {"bytes": total, "seconds": t_last - t_first, "rate_mbit": rate, "first_byte_t": t_first}
+        timeline.append((t_last, total))
+        res = {"bytes": total, "seconds": t_last - t_first, "rate_mbit": rate, "first_byte_t": t_first,
+               "timeline": timeline}
         c.sendall(json.dumps(res).encode())
 
 
