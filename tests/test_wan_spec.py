@@ -43,9 +43,9 @@ def test_every_profile_builds(name: str, n: int) -> None:
     for i, j, spec in m.pairs():
         assert i != j and spec.rate_mbit > 0 and spec.energy_nj_per_bit > 0
         # Profiles keep TCP's loss cap above the link rate, so rates are what they say, except
-        # hetero's fast server->device downlinks (25-200 Mbit/s), where loss caps one TCP flow.
+        # hetero's links into/out of mixed devices (up to 200 Mbit/s), where loss caps one TCP flow.
         capped = tcp_rate_mbit(spec.at(0), m.rtt_ms(i, j))
-        assert capped == pytest.approx(spec.rate_mbit) or (name == "hetero" and 15 < capped < spec.rate_mbit)
+        assert capped == pytest.approx(spec.rate_mbit) or (name == "hetero" and 10 < capped < spec.rate_mbit)
 
 
 def test_profile_numbers() -> None:
