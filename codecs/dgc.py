@@ -94,12 +94,12 @@ class DGC(SparseCodec):
     def encode(self, tensor: torch.Tensor, ctx: CodecContext) -> Encoded:
         c = self.config
         acc = torch.float64 if ctx.dtype == torch.float64 else torch.float32
-        g = tensor.detach().reshape(-1).to(acc, copy=True)
+        g = tensor.detach().reshape(-1).to(acc)
         if c.clip > 0:
             bound = c.clip / math.sqrt(c.world)
             norm = float(torch.linalg.vector_norm(g))
             if norm > bound:
-                g *= bound / norm
+                g = g * (bound / norm)
         st = self.state.setdefault(ctx.key, {"u": torch.zeros_like(g), "v": torch.zeros_like(g)})
         if st["v"].shape != g.shape:
             raise ValueError(f"Expected DGC state of {tuple(g.shape)} for key {ctx.key!r}, got {tuple(st['v'].shape)}")

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from commlayer.codecs.base import Codec, CodecContext, Encoded, bytes_buffer, chunks, from_buffer, np_generator, validate_config_types
-from commlayer.codecs.bitpack import lane_width, pack_lanes, packed_nbytes, unpack_lanes
+from commlayer.codecs.bitpack import decode_lanes, lane_table, lane_width, pack_lanes, packed_nbytes, unpack_lanes
 from commlayer.codecs.registry import register_codec
 
 
@@ -82,16 +82,26 @@ class QSGD(Codec):
             raise ValueError(f"Malformed qsgd payload: expected 2 buffers, got {len(encoded.buffers)}")
         packed = bytes_buffer(encoded.buffers[0], packed_nbytes(n, self.width), "qsgd levels")
         norms = from_buffer(encoded.buffers[1], torch.float32, -(-n // d), "qsgd norms")
-        codes = torch.from_numpy(unpack_lanes(packed, self.width, n).astype(np.int32)) - s
-        if bool((codes.abs() > s).any()):
-            raise ValueError(f"Malformed qsgd payload: expected levels in [-{s}, {s}]")
         step = norms / s
         out = torch.empty(n, dtype=ctx.dtype)
-        full = n - n % d
-        for a, e in chunks(full, d):
-            torch.mul(codes[a:e].view(-1, d), step[a // d : e // d, None], out=out[a:e].view(-1, d))
-        if full < n:
-            out[full:] = codes[full:] * step[-1]
+        w = self.width
+        if w < 16:  # byte -> levels table; codes above 2s decode to NaN and are rejected
+            levels = np.arange(1 << w, dtype=np.float32) - s
+            levels[2 * s + 1 :] = np.nan
+            table = lane_table(w, levels)
+        for a, e in chunks(n, d * 8):  # chunk starts are multiples of 8 elements: whole bytes
+            seg = packed[a * w // 8 : (e * w + 7) // 8]
+            if w < 16:
+                lv = torch.from_numpy(decode_lanes(seg, w, e - a, table))
+            else:
+                lv = torch.from_numpy(unpack_lanes(seg, w, e - a).astype(np.float32)).sub_(s)
+            if bool(torch.isnan(lv).any()) or (w == 16 and bool((lv.abs() > s).any())):
+                raise ValueError(f"Malformed qsgd payload: expected levels in [-{s}, {s}]")
+            nb = (e - a) // d
+            if nb:
+                torch.mul(lv[: nb * d].view(nb, d), step[a // d : a // d + nb, None], out=out[a : a + nb * d].view(nb, d))
+            if a + nb * d < e:
+                out[a + nb * d : e] = lv[nb * d :] * step[-1]
         return out.reshape(ctx.shape)
 
     def wire_bytes(self, numel: int, dtype: torch.dtype) -> int:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from commlayer.codecs.base import Codec, CodecContext, Encoded, bytes_buffer, from_buffer, validate_config_types
+from commlayer.codecs.base import Codec, CodecContext, Encoded, bytes_buffer, chunks, from_buffer, validate_config_types
 from commlayer.codecs.bitpack import packed_nbytes
 from commlayer.codecs.registry import register_codec
 
@@ -63,12 +63,19 @@ class Sign(Codec):
         return np.unpackbits(packed, count=ctx.numel, bitorder="little")
 
     def decode(self, encoded: Encoded, ctx: CodecContext) -> torch.Tensor:
-        neg = torch.from_numpy(self._negative(encoded, ctx))
+        want = 1 if self.config.scale == "none" else 2
+        if len(encoded.buffers) != want:
+            raise ValueError(f"Malformed sign payload: expected {want} buffers, got {len(encoded.buffers)}")
+        n = ctx.numel
+        packed = bytes_buffer(encoded.buffers[0], packed_nbytes(n, 1), "sign bits")
         scale = 1.0
         if self.config.scale == "l1":
             scale = float(from_buffer(encoded.buffers[1], torch.float32, 1, "sign scale")[0])
-        out = (1 - 2 * neg.to(torch.float32)) * scale
-        return out.to(ctx.dtype).reshape(ctx.shape)
+        out = torch.empty(n, dtype=ctx.dtype)
+        for a, e in chunks(n, 8):
+            bits = torch.from_numpy(np.unpackbits(packed[a // 8 : (e + 7) // 8], count=e - a, bitorder="little"))
+            torch.add(bits.to(torch.float32).mul_(-2.0 * scale), scale, out=out[a:e])
+        return out.reshape(ctx.shape)
 
     def votes(self, encoded: Encoded, ctx: CodecContext) -> torch.Tensor:
         """The worker's vote, +1/-1 per element (int8): sum these across workers for majority vote."""

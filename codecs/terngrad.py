@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from commlayer.codecs.base import Codec, CodecContext, Encoded, bytes_buffer, chunks, from_buffer, np_generator, validate_config_types
-from commlayer.codecs.bitpack import pack_lanes, packed_nbytes, unpack_lanes
+from commlayer.codecs.bitpack import decode_lanes, lane_table, pack_lanes, packed_nbytes
 from commlayer.codecs.registry import register_codec
 
 
@@ -51,15 +51,16 @@ class TernGrad(Codec):
         if self.config.clip > 0 and n > 1:
             bound = float(self.config.clip * flat.std())
             flat = flat.clamp(-bound, bound)
-        scale = float(flat.abs().max()) if n else 0.0
+        scale = max(abs(float(v)) for v in torch.aminmax(flat)) if n else 0.0
         codes = torch.empty(n, dtype=torch.uint8)
         rng = np_generator(ctx, "terngrad")
         inv = 1.0 / scale if scale > 0 else 0.0
         for a, e in chunks(n):
             c = flat[a:e]
             u = torch.from_numpy(rng.random(e - a, dtype=np.float32))
-            keep = (c.abs() * inv) > u
-            codes[a:e] = torch.where(keep, torch.sign(c), torch.zeros_like(c)).add_(1).to(torch.uint8)
+            keep = (c.abs().mul_(inv) > u).view(torch.uint8)
+            neg = torch.signbit(c).view(torch.uint8) & keep
+            torch.sub(keep.add_(1), neg, alpha=2, out=codes[a:e])  # 1 + keep * sign: codes 0, 1, 2
         return Encoded({}, [pack_lanes(codes.numpy(), 2), np.array([scale], dtype=np.float32)])
 
     def decode(self, encoded: Encoded, ctx: CodecContext) -> torch.Tensor:
@@ -68,10 +69,14 @@ class TernGrad(Codec):
             raise ValueError(f"Malformed terngrad payload: expected 2 buffers, got {len(encoded.buffers)}")
         packed = bytes_buffer(encoded.buffers[0], packed_nbytes(n, 2), "terngrad codes")
         scale = from_buffer(encoded.buffers[1], torch.float32, 1, "terngrad scale")
-        codes = torch.from_numpy(unpack_lanes(packed, 2, n).astype(np.int8))
-        if bool((codes > 2).any()):
-            raise ValueError("Malformed terngrad payload: expected codes in {0, 1, 2}, got 3")
-        return ((codes - 1) * scale).to(ctx.dtype).reshape(ctx.shape)
+        out = torch.empty(n, dtype=ctx.dtype)
+        table = lane_table(2, np.array([-1.0, 0.0, 1.0, np.nan], dtype=np.float32) * float(scale[0]))
+        for a, e in chunks(n, 4):
+            vals = torch.from_numpy(decode_lanes(packed[a // 4 : (e + 3) // 4], 2, e - a, table))
+            if bool(torch.isnan(vals).any()):
+                raise ValueError("Malformed terngrad payload: expected codes in {0, 1, 2}, got 3")
+            out[a:e] = vals
+        return out.reshape(ctx.shape)
 
     def wire_bytes(self, numel: int, dtype: torch.dtype) -> int:
         return packed_nbytes(numel, 2) + 4
