@@ -1,4 +1,4 @@
-"""A helper child process (``python -m MODULE FD``) driven over a socketpair Connection.
+"""A helper child process (``python -m commlayer.wan._child SERVICE FD``) driven over a socketpair.
 
 A fresh interpreter rather than multiprocessing's spawn, so that callers' scripts need no
 ``if __name__ == "__main__"`` guard. The child receives one pickled payload, answers
@@ -18,28 +18,28 @@ logger = logging.getLogger(__name__)
 
 
 class ControlledChild:
-    """Starts ``python -m module FD``, sends ``payload`` and waits for its ready reply.
+    """Starts ``python -m commlayer.wan._child service FD``, sends ``payload``, waits for "ready".
 
     Attributes:
         ready_value: what the child sent with "ready".
     """
 
-    def __init__(self, module: str, payload: Any, start_timeout_s: float = 30.0) -> None:
+    def __init__(self, service: str, payload: Any, start_timeout_s: float = 30.0) -> None:
         a, b = socket.socketpair()
         self._conn, child = Connection(a.detach()), Connection(b.detach())
         self._closed = False
         try:
-            self._proc = subprocess.Popen([sys.executable, "-m", module, str(child.fileno())],
+            self._proc = subprocess.Popen([sys.executable, "-m", "commlayer.wan._child", service, str(child.fileno())],
                                           pass_fds=(child.fileno(),), stdin=subprocess.DEVNULL)
         finally:
             child.close()
         try:
             self._conn.send(payload)
             if not self._conn.poll(start_timeout_s):
-                raise RuntimeError(f"{module} did not start within {start_timeout_s} s")
+                raise RuntimeError(f"{service} did not start within {start_timeout_s} s")
             kind, value = self._conn.recv()
             if kind != "ready":
-                raise RuntimeError(f"{module} failed to start: {value}")
+                raise RuntimeError(f"{service} failed to start: {value}")
             self.ready_value = value
         except BaseException:
             self.close()

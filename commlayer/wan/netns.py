@@ -107,7 +107,7 @@ class NetnsWorld:
                 _ip("netns", "add", ns)
                 self._created.append(ns)
             start = time.monotonic() if t0 is None else t0
-            self._fwd = ControlledChild("commlayer.wan.tunfwd", (links, self._tuns, self.addresses, start, seed))
+            self._fwd = ControlledChild("tunfwd", (links, self._tuns, self.addresses, start, seed))
             for i, ns in enumerate(self.names):
                 _ip("link", "set", self._tuns[i], "netns", ns)
                 _ip("-n", ns, "link", "set", self._tuns[i], "name", IFNAME)

@@ -17,7 +17,6 @@ import asyncio
 import json
 import logging
 import multiprocessing as mp
-import sys
 import threading
 import time
 from multiprocessing.connection import Connection
@@ -25,7 +24,7 @@ from typing import Any, Sequence
 
 from commlayer.wan.matrix import LinkMatrix
 from commlayer.wan._proc import ControlledChild
-from commlayer.wan.relay_core import RelayCore
+from commlayer.wan.relay_core import RelayCore, new_event_loop
 
 logger = logging.getLogger(__name__)
 
@@ -36,7 +35,11 @@ _CALL_TIMEOUT_S = 10.0
 def _serve(links: LinkMatrix, targets: list[tuple[str, int]], t0: float, seed: int, host: str,
            conn: Connection) -> None:
     """Runs the relay loop until told to stop (target of the relay process or thread)."""
-    asyncio.run(_main(links, targets, t0, seed, host, conn))
+    loop = new_event_loop()
+    try:
+        loop.run_until_complete(_main(links, targets, t0, seed, host, conn))
+    finally:
+        loop.close()
 
 
 async def _main(links: LinkMatrix, targets: list[tuple[str, int]], t0: float, seed: int, host: str,
@@ -108,7 +111,7 @@ class RelayWorld:
                 self.close()
                 raise RuntimeError(f"relays failed to start: {ports}")
         else:
-            self._proc = ControlledChild("commlayer.wan.relay", payload, _START_TIMEOUT_S)
+            self._proc = ControlledChild("relay", payload, _START_TIMEOUT_S)
             ports = self._proc.ready_value
         self.relay_ports: dict[tuple[int, int], int] = ports
         self._closed = False
@@ -183,7 +186,3 @@ def start_relays(links: LinkMatrix, listen_ports: Sequence[int], host: str = "12
     """
     return RelayWorld(links, listen_ports, host, seed, t0, in_thread)
 
-
-if __name__ == "__main__":
-    _c = Connection(int(sys.argv[1]))
-    _serve(*_c.recv(), conn=_c)

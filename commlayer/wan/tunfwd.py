@@ -1,6 +1,6 @@
 """Mode B packet forwarder: moves IPv4 packets between per-rank TUN devices through LinkPipes.
 
-Runs as its own process (``python -m commlayer.wan.tunfwd FD``), in the root namespace. It
+Runs as its own process (``python -m commlayer.wan._child tunfwd FD``), in the root namespace. It
 opens one TUN device per rank (the parent then moves each into the rank's namespace), reads
 every IPv4 packet a rank sends, looks up the destination rank by address, queues the packet on
 link src->dst (rate, delay, jitter, real random loss, drop-tail buffer) and writes it to the
@@ -17,10 +17,8 @@ import os
 import select
 import socket
 import struct
-import sys
 import time
 from multiprocessing.connection import Connection
-from typing import Any
 
 from commlayer.wan.matrix import LinkMatrix
 from commlayer.wan.pipe import LinkPipe
@@ -30,7 +28,7 @@ logger = logging.getLogger(__name__)
 _TUNSETIFF = 0x400454CA
 _IFF_TUN = 0x0001
 _IFF_NO_PI = 0x1000
-_EARLY_S = 0.0005  # epoll rounds timeouts up to whole ms; releasing <=0.5 ms early centres the error
+_EARLY_S = 0.0001  # release at most this early (covers wake-up latency)
 _BURST = 64
 
 
@@ -79,6 +77,10 @@ def forward(links: LinkMatrix, names: list[str], addrs: list[str], t0: float, se
     try:
         while True:
             timeout = max(0.0, heap[0][0] - _EARLY_S - time.monotonic()) if heap else 1.0
+            # epoll_wait has ms resolution; select() on the epoll fd has microseconds.
+            if timeout > 0 and ep.fileno() < 1024:
+                select.select([ep.fileno()], [], [], timeout)
+                timeout = 0
             for fd, _ev in ep.poll(timeout):
                 if fd == conn.fileno():
                     try:
@@ -119,14 +121,3 @@ def forward(links: LinkMatrix, names: list[str], addrs: list[str], t0: float, se
         for fd in fds:
             os.close(fd)
 
-
-if __name__ == "__main__":
-    _c = Connection(int(sys.argv[1]))
-    _args: Any = _c.recv()
-    try:
-        forward(*_args, conn=_c)
-    finally:
-        try:
-            _c.send(("stopped", None))
-        except OSError:
-            pass
