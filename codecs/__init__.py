@@ -13,7 +13,7 @@ See docs/codecs.md for the spec grammar, every codec, its flags and its paper.
 
 from commlayer.codecs.base import Codec, CodecContext, Encoded
 from commlayer.codecs.registry import available, codec_class, get_codec, register_codec
-from commlayer.codecs.spec import SpecError, from_spec, to_spec
+from commlayer.codecs.spec import SpecError, from_env, from_spec, to_spec
 from commlayer.codecs.wire import from_frames, pack, to_frames, unpack
 
 # Registration happens at import of each codec module.
@@ -36,6 +36,7 @@ __all__ = [
     "available",
     "average_payloads",
     "codec_class",
+    "from_env",
     "from_frames",
     "from_spec",
     "get_codec",

@@ -20,10 +20,11 @@ from typing import Any, ClassVar, Iterator
 import numpy as np
 import torch
 
+from commlayer.codecs.config import validate_config_types  # noqa: F401  (re-exported for codecs)
+
 logger = logging.getLogger(__name__)
 
-#: Elements processed per chunk by the quantizers: keeps temporaries in cache and below the
-#: allocator's mmap threshold, which is several times faster than whole-tensor temporaries.
+#: Elements per chunk in the quantizers: temporaries stay in cache and below the mmap threshold.
 CHUNK = 1 << 18
 
 DTYPES: dict[str, torch.dtype] = {
@@ -290,15 +291,3 @@ class Codec(abc.ABC):
     def state_bytes(self) -> int:
         """Bytes of state held (memory accounting)."""
         return 0
-
-
-def validate_config_types(config: Any) -> None:
-    """Checks the runtime types of a config dataclass against its annotations."""
-    for f in dataclasses.fields(config):
-        value = getattr(config, f.name)
-        expected = {"int": int, "float": (int, float), "bool": bool, "str": str}.get(str(f.type))
-        if expected is None:
-            continue
-        bad = not isinstance(value, expected) or (f.type in ("int", "float") and isinstance(value, bool))
-        if bad:
-            raise TypeError(f"Expected {f.name} of type {f.type}, got {value!r}")

@@ -13,6 +13,7 @@ Examples: ``int8``, ``topk:ratio=0.01|int8``, ``sign+ef``, ``topk:ratio=0.01,ind
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Any
 
 from commlayer.codecs.base import Codec
@@ -113,3 +114,9 @@ def _fmt(v: Any) -> str:
     if isinstance(v, bool):
         return "true" if v else "false"
     return repr(v) if isinstance(v, float) else str(v)
+
+
+def from_env(var: str = "COMMLAYER_CODEC", default: str | None = None) -> Codec | None:
+    """Codec from the spec in environment variable ``var`` (``default`` if unset; None if neither)."""
+    spec = os.environ.get(var, default)
+    return from_spec(spec) if spec else None

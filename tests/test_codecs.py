@@ -191,3 +191,11 @@ def test_nonlinear_sum_raises() -> None:
     x = _input((10,), torch.float32)
     with pytest.raises(TypeError, match="not linear|linear codec"):
         codec.sum_encoded([codec.encode(x, _ctx(x))], _ctx(x))
+
+
+def test_from_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("COMMLAYER_CODEC", raising=False)
+    assert C.from_env() is None
+    assert C.from_env(default="fp16") == from_spec("fp16")
+    monkeypatch.setenv("COMMLAYER_CODEC", "topk:ratio=0.01|int8+ef")
+    assert to_spec(C.from_env()) == "topk|int8+ef"
