@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import select
 import socket
 import statistics
 import struct
@@ -73,28 +74,32 @@ def serve(host: str, port: int, timeout_s: float, warmup_s: float = 0.5, ready: 
         ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         ls.bind((host, port))
         ls.listen(16)
-        ls.settimeout(0.1)
+        ls.setblocking(False)
         us.bind((host, port))
-        us.settimeout(0.05)
+        us.setblocking(False)
         if ready is not None:
             ready.set()
         print("ready", flush=True)
         threads = []
         while time.monotonic() < deadline and not (stop is not None and stop.is_set()):
-            try:
-                c, _ = ls.accept()
+            readable, _, _ = select.select([ls, us], [], [], 0.05)
+            if ls in readable:
+                try:
+                    c, _ = ls.accept()
+                except BlockingIOError:
+                    continue
+                c.setblocking(True)
                 c.settimeout(max(1.0, deadline - time.monotonic()))
                 t = threading.Thread(target=_handle, args=(c, warmup_s), daemon=True)
                 t.start()
                 threads.append(t)
-            except socket.timeout:
-                pass
-            try:
-                while True:
-                    data, addr = us.recvfrom(2048)
-                    us.sendto(data, addr)
-            except (socket.timeout, BlockingIOError):
-                pass
+            if us in readable:
+                try:
+                    for _ in range(256):
+                        data, addr = us.recvfrom(2048)
+                        us.sendto(data, addr)
+                except BlockingIOError:
+                    pass
         for t in threads:
             t.join(timeout=max(0.1, deadline - time.monotonic()))
 
@@ -165,15 +170,19 @@ def udp(host: str, port: int, count: int = 500, interval_s: float = 0.004, wait_
                 if seq in sent_at and seq not in rtts:
                     rtts[seq] = (time.monotonic() - sent_at[seq]) * 1000.0
 
+        start = time.monotonic()
         for seq in range(count):
             sent_at[seq] = time.monotonic()
             s.send(struct.pack("!I", seq) + b"\0" * 60)
-            drain()
-            time.sleep(interval_s)
+            # Wait for replies until the next send is due, timestamping each as it arrives.
+            next_t = start + (seq + 1) * interval_s
+            while (left := next_t - time.monotonic()) > 0:
+                if select.select([s], [], [], left)[0]:
+                    drain()
         end = time.monotonic() + wait_s
-        while time.monotonic() < end and len(rtts) < count:
-            drain()
-            time.sleep(0.005)
+        while len(rtts) < count and (left := end - time.monotonic()) > 0:
+            if select.select([s], [], [], left)[0]:
+                drain()
     return {"sent": count, "received": len(rtts), "rtts_ms": [rtts[k] for k in sorted(rtts)]}
 
 
