@@ -83,6 +83,13 @@ def _train(rank: int, world: int) -> dict:
             "bytes": state.bytes_sent if state else None,
             "mode": state.resolved_mode if state else "allreduce",
         }
+    # One step of signSGD majority vote from step 0, to compare with a reference computed here.
+    model = _model()
+    ddp = nn.parallel.DistributedDataParallel(model)
+    ddp.register_comm_hook(CodecHookState.from_spec("sign:scale=none", start_iter=0), codec_hook)
+    x, y = _data(rank, 0)
+    nn.functional.mse_loss(ddp(x), y).backward()
+    out["vote"] = [p.grad.numpy().copy() for p in model.parameters()]
     dist.destroy_process_group()
     return out
 
@@ -128,3 +135,18 @@ def test_report(results: list[dict]) -> None:
     for spec in VARIANTS:
         r = results[0][spec]
         print(f"{spec:32s} loss {r['initial']:.4f} -> {r['final']:.4f}  {r['seconds']:.2f}s  bytes {r['bytes']}")
+
+
+def test_majority_vote_hook_matches_reference(results: list[dict]) -> None:
+    import numpy as np
+
+    local = []
+    for rank in range(WORLD):
+        model = _model()
+        x, y = _data(rank, 0)
+        nn.functional.mse_loss(model(x), y).backward()
+        local.append([p.grad.numpy().copy() for p in model.parameters()])
+    for i in range(len(local[0])):
+        ref = np.sign(sum(np.where(np.signbit(g[i]), -1.0, 1.0) for g in local))
+        for rank in range(WORLD):
+            np.testing.assert_array_equal(results[rank]["vote"][i], ref)

@@ -132,17 +132,18 @@ def codec_hook(state: CodecHookState, bucket: dist.GradBucket) -> torch.futures.
             g.copy_(out)
         return _done(buf)
 
-    enc = codec.encode(buf, ctx)
-    state.bytes_sent += enc.nbytes
     if mode == "allreduce":
-        payload = codec.summable(enc, ctx)
+        # Divide first (like torch's fp16 hook) so a half-precision sum cannot overflow.
+        enc = codec.encode(buf.div_(world), ctx)
+        state.bytes_sent += enc.nbytes
 
         def finish(f: torch.futures.Future) -> torch.Tensor:
-            summed = f.value()[0]
-            buf.copy_(codec.decode(codec.from_summable(summed, ctx), ctx))
-            return buf.div_(world)
+            return buf.copy_(codec.decode(codec.from_summable(f.value()[0], ctx), ctx))
 
+        payload = codec.summable(enc, ctx)
         return dist.all_reduce(payload, group=group, async_op=True).get_future().then(finish)
+    enc = codec.encode(buf, ctx)
+    state.bytes_sent += enc.nbytes
     payloads = [unpack(b) for b in _allgather_bytes(pack(enc), group)]
     buf.copy_(average_payloads(codec, payloads, ctx, mode))
     return _done(buf)
