@@ -30,6 +30,7 @@ def _rt(spec: str, x: np.ndarray, step: int = 0) -> np.ndarray:
 
 
 # ---------------------------------------------------------------- bit packing
+@settings(deadline=None)
 @given(st.sampled_from([1, 2, 4, 8, 16]), st.integers(0, 500), st.integers(0, 2**31))
 def test_pack_lanes_round_trip(width: int, n: int, seed: int) -> None:
     v = np.random.default_rng(seed).integers(0, 1 << width, n)
@@ -38,6 +39,7 @@ def test_pack_lanes_round_trip(width: int, n: int, seed: int) -> None:
     assert np.array_equal(unpack_lanes(packed, width, n), v)
 
 
+@settings(deadline=None)
 @given(st.integers(1, 64), st.integers(0, 300), st.integers(0, 2**31))
 def test_pack_uint_round_trip(width: int, n: int, seed: int) -> None:
     v = np.random.default_rng(seed).integers(0, 1 << min(width, 63), n, dtype=np.int64)
