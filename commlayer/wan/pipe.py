@@ -57,6 +57,11 @@ class LinkPipe:
         self.dropped_bytes = 0
         self.stalls = 0
 
+    @property
+    def last_release(self) -> float:
+        """Release time of the last admitted unit (markers queued behind data use it)."""
+        return self._last_release
+
     def rate_bytes_per_s(self, now: float) -> float:
         """Effective rate (bytes/s) at ``now``, including the TCP loss cap in stream mode."""
         p = self.spec.at(now - self.t0)

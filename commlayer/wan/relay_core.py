@@ -82,7 +82,7 @@ class _Link:
 
     def push_marker(self, dst: "_Conn", marker: bytes | None) -> None:
         """Queues EOF (``_EOF``) or close (``None``) behind the data already in flight."""
-        self.q.append((max(self.pipe._last_release, self.loop.time()), dst, marker))
+        self.q.append((max(self.pipe.last_release, self.loop.time()), dst, marker))
         self._arm()
 
     def _arm(self) -> None:

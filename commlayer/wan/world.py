@@ -32,7 +32,7 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(s.getsockname()[1])
 
 
-@dataclass
+@dataclass(frozen=True)
 class EmulatedWorld:
     """An emulated world that is up; produced by :func:`emulated_world`.
 
