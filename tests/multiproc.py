@@ -67,8 +67,19 @@ def run_world(
     }
     base_env.update(env or {})
     procs = [ctx.Process(target=_child, args=(fn, r, world_size, base_env, args, q), daemon=True) for r in range(world_size)]
-    for p in procs:
-        p.start()
+    # Spawned children import torch before _child runs, so thread settings must be in the
+    # environment they inherit (torchrun likewise sets OMP_NUM_THREADS=1 for its workers).
+    saved = {k: os.environ.get(k) for k in base_env}
+    os.environ.update(base_env)
+    try:
+        for p in procs:
+            p.start()
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
     results: dict[int, Any] = {}
     errors: dict[int, str] = {}
     deadline = time.monotonic() + timeout

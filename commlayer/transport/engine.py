@@ -23,12 +23,13 @@ from zmq.utils.monitor import recv_monitor_message
 from commlayer.transport.config import TransportConfig
 from commlayer.transport.endpoints import EndpointInfo, choose_host, connect_overrides, host_id, ipc_path
 from commlayer.transport.errors import CommError, CommTimeout, PeerFailure, TransportClosed, WireError
-from commlayer.transport.mailbox import Mailbox, Message
+from commlayer.transport.mailbox import Mailbox, Message, timeout_error
 from commlayer.transport.wire import Header, Kind, check_frames, unpack_header
 
 logger = logging.getLogger(__name__)
 
 _HELLO = "__hello__"
+DISCONNECT_GRACE = 0.25
 
 
 @dataclass
@@ -39,6 +40,7 @@ class _Peer:
     monitor: zmq.Socket | None
     lock: threading.Lock = field(default_factory=threading.Lock)
     state: str = "connecting"  # connecting | connected | left | dead
+    suspect_since: float = 0.0  # when its connection dropped (0 = not suspected)
     bytes_sent: int = 0
     bytes_recv: int = 0
     msgs_sent: int = 0
@@ -75,6 +77,12 @@ class Transport:
         self._listeners: list[Callable[[int, str], None]] = []
         self._io_thread: threading.Thread | None = None
         self._ctrl_send: zmq.Socket | None = None
+        self._wake_send: zmq.Socket | None = None
+        self._wake_lock = threading.Lock()
+        self._rx_lock = threading.Lock()
+        self._rx_demand = 0
+        self._last_demand = 0.0
+        self._io_idle = False
         self._closing = threading.Event()
         self._closed = False
         self._close_lock = threading.Lock()
@@ -144,12 +152,18 @@ class Transport:
                                               | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL)
             sock.connect(ep)
             self._peers[p] = _Peer(p, ep, sock, monitor)
-        ctrl_recv = self._ctx.socket(zmq.PAIR)
-        ctrl_recv.bind(f"inproc://ctrl-{self.nonce}")
-        self._ctrl_send = self._ctx.socket(zmq.PAIR)
-        self._ctrl_send.connect(f"inproc://ctrl-{self.nonce}")
-        self._io_thread = threading.Thread(target=self._io_loop, args=(ctrl_recv,), name=f"commlayer-io-{self.rank}", daemon=True)
+        ctrl_recv, self._ctrl_send = self._pair("ctrl")
+        wake_recv, self._wake_send = self._pair("wake")
+        self._io_thread = threading.Thread(target=self._io_loop, args=(ctrl_recv, wake_recv), name=f"commlayer-io-{self.rank}",
+                                           daemon=True)
         self._io_thread.start()
+
+    def _pair(self, name: str) -> tuple[zmq.Socket, zmq.Socket]:
+        a = self._ctx.socket(zmq.PAIR)
+        a.bind(f"inproc://{name}-{self.nonce}")
+        b = self._ctx.socket(zmq.PAIR)
+        b.connect(f"inproc://{name}-{self.nonce}")
+        return a, b
 
     def handshake(self, timeout: float) -> None:
         """Exchanges HELLO with every peer, proving both directions work before the first op."""
@@ -159,7 +173,7 @@ class Transport:
         deadline = time.monotonic() + timeout
         for p in self._peers:
             try:
-                msg = self.mailbox.take((_HELLO, 0, 0, 0, p), max(0.0, deadline - time.monotonic()), "connection handshake")
+                msg = self.recv(_HELLO, 0, 0, 0, p, max(0.0, deadline - time.monotonic()), "connection handshake")
             except CommTimeout:
                 missing = [q for q in self._peers if self._peers[q].msgs_recv == 0]
                 raise CommTimeout(f"rank {self.rank} ({self.name}): no handshake from ranks {missing} within {timeout:.0f} s; "
@@ -211,9 +225,59 @@ class Transport:
 
     def recv(self, channel: str, seq: int, step: int, chunk: int, src: int, timeout: float | None = None,
              what: str = "") -> Message:
-        """Waits for the message (channel, seq, step, chunk) from ``src``."""
-        return self.mailbox.take((channel, seq, step, chunk, src), self.config.timeout if timeout is None else timeout,
-                                 what or f"{channel} #{seq} step {step}")
+        """Waits for the message (channel, seq, step, chunk) from ``src``.
+
+        The waiting thread reads the socket itself when no other thread does (leader/follower):
+        no thread hand-off on the critical path of a collective.
+        """
+        key = (channel, seq, step, chunk, src)
+        what = what or f"{channel} #{seq} step {step}"
+        timeout = self.config.timeout if timeout is None else timeout
+        mb = self.mailbox
+        msg = mb.try_take(key, what)
+        if msg is not None:
+            return msg
+        deadline = time.monotonic() + timeout
+        self._want_rx(+1)
+        try:
+            while True:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise timeout_error(what, src, timeout)
+                if self._rx_lock.acquire(timeout=min(remaining, 0.05)):
+                    try:
+                        msg = mb.try_take(key, what)
+                        if msg is not None:
+                            return msg
+                        if self._closing.is_set():
+                            raise TransportClosed(f"{what}: the transport of rank {self.rank} is shut down")
+                        # With other threads waiting too, poll briefly so they get their turn.
+                        self._pump(min(remaining, 0.05 if self._rx_demand <= 1 else 0.001))
+                    finally:
+                        self._rx_lock.release()
+                msg = mb.try_take(key, what)
+                if msg is not None:
+                    return msg
+        finally:
+            self._want_rx(-1)
+
+    def _want_rx(self, delta: int) -> None:
+        with self._wake_lock:
+            self._rx_demand += delta
+            self._last_demand = time.monotonic()
+            if delta > 0 and self._io_idle and self._wake_send is not None:
+                self._wake_send.send(b"", zmq.NOBLOCK)  # make the I/O thread hand over the socket
+
+    def _pump(self, timeout: float) -> None:
+        """Reads and delivers whatever arrives within ``timeout`` s. Caller holds ``_rx_lock``."""
+        if not self._router.poll(int(timeout * 1000) if timeout > 0 else 0, zmq.POLLIN):
+            return
+        for _ in range(4096):
+            try:
+                frames = self._router.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            self._handle(frames)
 
     def add_failure_listener(self, callback: Callable[[int, str], None]) -> None:
         """``callback(peer, reason)`` runs (on the I/O thread) when a peer fails."""
@@ -228,27 +292,45 @@ class Transport:
                     "msgs_sent": x.msgs_sent, "msgs_recv": x.msgs_recv} for p, x in self._peers.items()}
 
     # ---- I/O thread ---------------------------------------------------------------------------
-    def _io_loop(self, ctrl: zmq.Socket) -> None:
-        poller = zmq.Poller()
-        poller.register(self._router, zmq.POLLIN)
-        poller.register(ctrl, zmq.POLLIN)
+    def _io_loop(self, ctrl: zmq.Socket, wake: zmq.Socket) -> None:
+        # Reads the socket only while no operation thread wants to (they read it themselves), and
+        # always watches the peers' connection events.
+        busy = zmq.Poller()
+        busy.register(ctrl, zmq.POLLIN)
+        busy.register(wake, zmq.POLLIN)
         monitors = {}
         for p in self._peers.values():
             if p.monitor is not None:
-                poller.register(p.monitor, zmq.POLLIN)
+                busy.register(p.monitor, zmq.POLLIN)
                 monitors[p.monitor] = p
+        idle = zmq.Poller()
+        for sock in (ctrl, wake, *monitors):
+            idle.register(sock, zmq.POLLIN)
+        idle.register(self._router, zmq.POLLIN)
+        grace = 0.02  # the I/O thread reads the socket only after operations left it alone this long
         try:
             while True:
-                events = dict(poller.poll(1000))
+                events: dict = {}
+                if self._rx_demand == 0 and time.monotonic() - self._last_demand > grace:
+                    if self._rx_lock.acquire(timeout=0.05):
+                        try:
+                            self._io_idle = True
+                            if self._rx_demand == 0:
+                                events = dict(idle.poll(100 if any(p.suspect_since for p in self._peers.values()) else 1000))
+                                if self._router in events:
+                                    self._pump(0)
+                        finally:
+                            self._io_idle = False
+                            self._rx_lock.release()
+                else:
+                    events = dict(busy.poll(int(grace * 1000)))
+
                 if ctrl in events:
                     break
-                if self._router in events:
-                    for _ in range(4096):
-                        try:
-                            frames = self._router.recv_multipart(zmq.NOBLOCK, copy=False)
-                        except zmq.Again:
-                            break
-                        self._handle(frames)
+                self._check_suspects()
+                if wake in events:
+                    while wake.poll(0):
+                        wake.recv()
                 for sock, p in monitors.items():
                     if sock in events:
                         self._handle_monitor(sock, p)
@@ -257,8 +339,7 @@ class Transport:
             self.mailbox.close(CommError(f"rank {self.rank}: the commlayer I/O thread crashed: {exc!r}"))
         finally:
             ctrl.close(linger=0)
-            for sock in monitors:
-                sock.close(linger=0)
+            wake.close(linger=0)
 
     def _handle(self, frames: list[zmq.Frame]) -> None:
         ident = frames[0].bytes
@@ -310,10 +391,18 @@ class Transport:
                 if p.state == "connecting":
                     p.state = "connected"
             elif event == zmq.EVENT_DISCONNECTED:
-                if p.state == "connected" and not self._closing.is_set():
-                    self._peer_down(p.rank, f"its connection ({p.endpoint}) dropped: the process died or the network failed")
+                # The peer's last data and its goodbye travel on its own connection to us and may
+                # still be queued; give them DISCONNECT_GRACE seconds before declaring it dead.
+                if p.state == "connected" and not self._closing.is_set() and not p.suspect_since:
+                    p.suspect_since = time.monotonic()
             elif event in (zmq.EVENT_HANDSHAKE_FAILED_AUTH, zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL):
                 logger.error("rank %d: handshake with rank %d at %s failed (event %s)", self.rank, p.rank, p.endpoint, event)
+
+    def _check_suspects(self) -> None:
+        now = time.monotonic()
+        for p in self._peers.values():
+            if p.suspect_since and p.state == "connected" and now - p.suspect_since > DISCONNECT_GRACE:
+                self._peer_down(p.rank, f"its connection ({p.endpoint}) dropped without a goodbye: the process died or the network failed")
 
     def _peer_down(self, peer: int, reason: str) -> None:
         p = self._peers[peer]
@@ -344,21 +433,29 @@ class Transport:
                     pass
         self._closing.set()
         if self._io_thread is not None and self._ctrl_send is not None:
-            self._ctrl_send.send(b"stop")
+            with self._wake_lock:
+                self._ctrl_send.send(b"stop")
             self._io_thread.join(timeout=10)
         self.mailbox.close(TransportClosed(f"rank {self.rank}: the commlayer transport was shut down"))
-        linger = int(self.config.linger * 1000)
-        for p in self._peers.values():
-            try:
+        got_rx = self._rx_lock.acquire(timeout=2.0)  # let a thread inside _pump() leave the socket
+        try:
+            linger = int(self.config.linger * 1000)
+            for p in self._peers.values():
+                with p.lock:
+                    p.sock.close(linger=0 if p.state == "dead" else linger)
+            for p in self._peers.values():
                 if p.monitor is not None:
-                    p.sock.disable_monitor()
-            except zmq.ZMQError:
-                pass
-            p.sock.close(linger=0 if p.state == "dead" else linger)
-        if self._ctrl_send is not None:
-            self._ctrl_send.close(linger=0)
-        self._router.close(linger=0)
-        self._ctx.term()
+                    p.monitor.close(linger=0)
+            with self._wake_lock:
+                for s in (self._ctrl_send, self._wake_send):
+                    if s is not None:
+                        s.close(linger=0)
+                self._wake_send = None
+            self._router.close(linger=0)
+            self._ctx.term()
+        finally:
+            if got_rx:
+                self._rx_lock.release()
         if self._ipc_file:
             try:
                 os.unlink(self._ipc_file)

@@ -104,59 +104,61 @@ class Mailbox:
         with self._lock:
             if h.channel in self._aborted or self._closed is not None:
                 return
-            posted = self._posted.get(qkey)
-            if posted:
-                for i, p in enumerate(posted):
-                    if p.src is None or p.src == h.src:
-                        del posted[i]
-                        break
-                else:
-                    p = None
-                if p is not None:
-                    cb = p.callback
-                else:
-                    cb = None
-            else:
-                cb = None
-            if cb is None:
+            posted = self._posted.get(qkey, deque())
+            match = next((p for p in posted if p.src is None or p.src == h.src), None)
+            if match is None:
                 self._check_bounds(msg)
                 self._p2p.setdefault(qkey, deque()).append(msg)
                 self._bytes += msg.nbytes
                 return
-        cb(msg, None)
+            posted.remove(match)
+        match.callback(msg, None)
 
     # ---- retrieval (operation threads) ---------------------------------------------------
-    def take(self, key: Key, timeout: float, what: str) -> Message:
-        """Waits for the message with ``key``.
-
-        Args:
-            key: (channel, seq, step, chunk, src).
-            timeout: seconds.
-            what: description of the operation for error messages.
-
-        Raises:
-            CommTimeout, PeerFailure, TransportClosed, or the channel's abort error.
-        """
-        src = key[4]
+    def try_take(self, key: Key, what: str) -> Message | None:
+        """Returns the message with ``key`` if it is here, None if not yet; raises if it never will be."""
         with self._lock:
             msg = self._box.pop(key, None)
             if msg is not None:
                 self._bytes -= msg.nbytes
                 return msg
-            self._raise_if_failed(key[0], src, what)
-            waiter = _Waiter(src)
+            self._raise_if_failed(key[0], key[4], what)
+            return None
+
+    def wait_for(self, key: Key, timeout: float, what: str) -> Message | None:
+        """Waits up to ``timeout`` for someone else to deliver ``key``; None on expiry."""
+        with self._lock:
+            msg = self._box.pop(key, None)
+            if msg is not None:
+                self._bytes -= msg.nbytes
+                return msg
+            self._raise_if_failed(key[0], key[4], what)
+            waiter = _Waiter(key[4])
             self._waiters[key] = waiter
-        if not waiter.event.wait(timeout):
-            with self._lock:
-                if self._waiters.get(key) is waiter:
-                    del self._waiters[key]
-            if waiter.msg is None and waiter.error is None:
-                raise CommTimeout(f"{what}: no message from rank {src} within {timeout:.1f} s (is rank {src} alive and running the same operation? "
-                                  f"raise the timeout= of init_process_group/new_group if it is just slow)")
+        waiter.event.wait(timeout)
+        with self._lock:
+            if self._waiters.get(key) is waiter:
+                del self._waiters[key]
         if waiter.error is not None:
+            if isinstance(waiter.error, PeerFailure) and waiter.error.peer == key[4]:
+                raise PeerFailure(f"{what}: {waiter.error}", peer=key[4])
             raise waiter.error
-        assert waiter.msg is not None
         return waiter.msg
+
+    def take(self, key: Key, timeout: float, what: str) -> Message:
+        """Waits for the message with ``key`` (delivered by another thread).
+
+        Raises:
+            CommTimeout, PeerFailure, TransportClosed, or the channel's abort error.
+        """
+        deadline = time.monotonic() + timeout
+        while True:
+            remaining = deadline - time.monotonic()
+            msg = self.wait_for(key, max(0.0, remaining), what)
+            if msg is not None:
+                return msg
+            if remaining <= 0:
+                raise timeout_error(what, key[4], timeout)
 
     def post_p2p(self, channel: str, tag: int, src: int | None,
                  callback: Callable[[Message | None, BaseException | None], None]) -> None:
@@ -259,5 +261,6 @@ class Mailbox:
                     "waiters": len(self._waiters)}
 
 
-def deadline_after(timeout: float) -> float:
-    return time.monotonic() + timeout
+def timeout_error(what: str, src: int, timeout: float) -> CommTimeout:
+    return CommTimeout(f"{what}: no message from rank {src} within {timeout:.1f} s (is rank {src} alive and running the same "
+                       "operation? raise the timeout= of init_process_group/new_group if it is just slow)")
