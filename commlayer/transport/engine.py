@@ -87,6 +87,10 @@ class Transport:
         self._closed = False
         self._close_lock = threading.Lock()
         self._ipc_file = ""
+        # Passive measurement hooks (commlayer.adapt): called as observer(peer, nbytes, seconds).
+        # on_recv: seconds the receiver waited for a message of nbytes; on_send: seconds spent queueing it.
+        self.on_recv: Callable[[int, int, float], None] | None = None
+        self.on_send: Callable[[int, int, float], None] | None = None
         self.endpoint: EndpointInfo | None = None
         self.peer_info: dict[int, EndpointInfo] = {}
 
@@ -203,6 +207,7 @@ class Transport:
         if frames and not header.nbytes:
             header = _with_sizes(header, frames)
         hdr = header.pack()
+        t0 = time.monotonic()
         trackers: list[zmq.MessageTracker] = []
         threshold = self.config.copy_threshold
         n = len(frames)
@@ -221,6 +226,8 @@ class Transport:
                                   f"({self.config.hwm} messages queued); rank {peer} is not receiving") from None
             p.msgs_sent += 1
             p.bytes_sent += sum(header.nbytes)
+        if self.on_send is not None:
+            self.on_send(peer, sum(header.nbytes), time.monotonic() - t0)
         return trackers
 
     def recv(self, channel: str, seq: int, step: int, chunk: int, src: int, timeout: float | None = None,
@@ -233,11 +240,18 @@ class Transport:
         key = (channel, seq, step, chunk, src)
         what = what or f"{channel} #{seq} step {step}"
         timeout = self.config.timeout if timeout is None else timeout
+        msg = self.mailbox.try_take(key, what)
+        if msg is None:
+            t0 = time.monotonic()
+            msg = self._recv_wait(key, src, timeout, what, t0 + timeout)
+            if self.on_recv is not None:
+                self.on_recv(src, msg.nbytes, time.monotonic() - t0)
+        elif self.on_recv is not None:
+            self.on_recv(src, msg.nbytes, 0.0)
+        return msg
+
+    def _recv_wait(self, key: tuple, src: int, timeout: float, what: str, deadline: float) -> Message:
         mb = self.mailbox
-        msg = mb.try_take(key, what)
-        if msg is not None:
-            return msg
-        deadline = time.monotonic() + timeout
         self._want_rx(+1)
         try:
             while True:
