@@ -15,9 +15,9 @@ def gather(comm: OpComm, src: torch.Tensor, outs: Sequence[torch.Tensor] | None,
         assert outs is not None
         for r in range(comm.size):
             if r == comm.rank:
-                outs[r].copy_(src)
+                outs[r].copy_(src.view(outs[r].shape))
             else:
-                outs[r].copy_(comm.recv_tensor(r, 0, outs[r].dtype, outs[r].numel()))
+                outs[r].copy_(comm.recv_tensor(r, 0, outs[r].dtype, outs[r].numel()).view(outs[r].shape))
     else:
         comm.send_tensor(root, 0, src)
     comm.finish()
@@ -30,9 +30,9 @@ def scatter(comm: OpComm, ins: Sequence[torch.Tensor] | None, out: torch.Tensor,
         for r in range(comm.size):
             if r != comm.rank:
                 comm.send_tensor(r, 0, ins[r])
-        out.copy_(ins[comm.rank])
+        out.copy_(ins[comm.rank].view(out.shape))
     else:
-        out.copy_(comm.recv_tensor(root, 0, out.dtype, out.numel()))
+        out.copy_(comm.recv_tensor(root, 0, out.dtype, out.numel()).view(out.shape))
     comm.finish()
 
 
@@ -42,10 +42,10 @@ def alltoall(comm: OpComm, ins: Sequence[torch.Tensor], outs: Sequence[torch.Ten
     for k in range(1, p):
         dst = (me + k) % p
         comm.send_tensor(dst, 0, ins[dst])
-    outs[me].copy_(ins[me])
+    outs[me].copy_(ins[me].view(outs[me].shape))
     for k in range(1, p):
         src = (me - k) % p
-        outs[src].copy_(comm.recv_tensor(src, 0, outs[src].dtype, outs[src].numel()))
+        outs[src].copy_(comm.recv_tensor(src, 0, outs[src].dtype, outs[src].numel()).view(outs[src].shape))
     comm.finish()
 
 
