@@ -1,0 +1,171 @@
+"""Active link probes: RTT by ping-pong and bandwidth by a packet train, on every directed link.
+
+A probe is collective: every rank of the group calls :func:`probe_links` with the same ``epoch``.
+
+1. RTT: each rank sends ``pings`` rounds of PING to all peers; the peer's transport answers with a
+   PONG without involving its application. The median of the rounds is the RTT.
+2. Bandwidth: ``p - 1`` rounds; in round r group rank g sends a train to ``g + r`` and receives one
+   from ``g - r`` (a permutation, so each rank uses one uplink and one downlink at a time, as a
+   ring step does). The receiver asks for its train ("go") and times it: if it was already waiting
+   when the first message arrived, bandwidth = bytes after the first message / (last - first
+   arrival) (packet-train dispersion); otherwise bytes / (time since go - RTT).
+3. The per-rank results (outgoing RTTs, incoming bandwidths) are all-gathered, so every rank builds
+   the same :class:`LinkMatrixSnapshot`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+from commlayer.adapt.estimator import LinkMatrixSnapshot, LinkState
+from commlayer.adapt.exchange import allgather_vector
+from commlayer.transport.wire import Header, Kind
+
+logger = logging.getLogger(__name__)
+
+#: A receive that returned faster than this found its message already queued.
+_QUEUED_S = 2e-4
+
+
+@dataclass(frozen=True)
+class ProbeConfig:
+    """Probe knobs.
+
+    Attributes:
+        pings: ping rounds per probe (median taken).
+        train_bytes: bytes per bandwidth train.
+        train_msgs: messages per train (>= 2; dispersion needs two).
+        timeout: seconds for any wait.
+        channel: transport channel reserved for probes.
+    """
+
+    pings: int = 5
+    train_bytes: int = 512 * 1024
+    train_msgs: int = 8
+    timeout: float = 60.0
+    channel: str = "__adapt_probe__"
+
+    def __post_init__(self) -> None:
+        if self.pings < 1 or self.train_msgs < 2 or self.train_bytes < self.train_msgs:
+            raise ValueError(f"Expected pings >= 1, train_msgs >= 2 and train_bytes >= train_msgs, got {self}")
+
+
+@dataclass(frozen=True)
+class ProbeResult:
+    """One probe: the agreed matrix, its RTT spread and how long it took on this rank."""
+
+    snapshot: LinkMatrixSnapshot
+    rtt_sd: tuple[tuple[float, ...], ...]
+    seconds: float
+    bytes_sent: int
+
+
+def _seq(epoch: int, phase: int, k: int) -> int:
+    return (epoch << 20) | (phase << 16) | k
+
+
+def measure_rtts(transport: Any, ranks: Sequence[int], cfg: ProbeConfig, epoch: int) -> dict[int, list[float]]:
+    """RTT samples (seconds) from this rank to every other rank of ``ranks``."""
+    me = transport.rank
+    peers = [r for r in ranks if r != me]
+    samples: dict[int, list[float]] = {r: [] for r in peers}
+    for k in range(cfg.pings):
+        seq = _seq(epoch, 0, k)
+        t0 = {}
+        for r in peers:
+            t0[r] = time.monotonic()
+            transport.send(r, Header(Kind.PING, "ping", cfg.channel, seq, 0, 0, me, meta={"k": k}), [])
+        for r in peers:
+            transport.recv(cfg.channel, seq, 0, 0, r, cfg.timeout, f"probe ping #{k} to rank {r}")
+            samples[r].append(time.monotonic() - t0[r])
+    return samples
+
+
+def _train_round(transport: Any, to: int, frm: int, cfg: ProbeConfig, epoch: int, rnd: int, rtt_frm: float) -> float:
+    """One bandwidth round: send a train to ``to`` when it asks, time the train from ``frm``. Returns B/s."""
+    me, ch = transport.rank, cfg.channel
+    seq = _seq(epoch, 1, rnd)
+    size = cfg.train_bytes // cfg.train_msgs
+    payload = bytes(size)
+    t_go = time.monotonic()
+    transport.send(frm, Header(Kind.DATA, "probe-go", ch, seq, 0, 0, me), [])
+    transport.recv(ch, seq, 0, 0, to, cfg.timeout, f"probe go from rank {to}")
+    for c in range(cfg.train_msgs):
+        transport.send(to, Header(Kind.DATA, "probe-train", ch, seq, 1, c, me), [payload])
+    arrivals: list[float] = []
+    first_waited = False
+    for c in range(cfg.train_msgs):
+        t = time.monotonic()
+        transport.recv(ch, seq, 1, c, frm, cfg.timeout, f"probe train {c} from rank {frm}")
+        now = time.monotonic()
+        if c == 0:
+            first_waited = now - t > _QUEUED_S
+        arrivals.append(now)
+    total = size * cfg.train_msgs
+    disp = arrivals[-1] - arrivals[0]
+    if first_waited and disp > 0:
+        return size * (cfg.train_msgs - 1) / disp
+    span = arrivals[-1] - t_go - rtt_frm
+    return total / span if span > 0 else math.inf
+
+
+def probe_links(transport: Any, ranks: Sequence[int], cfg: ProbeConfig | None = None, epoch: int = 1,
+                state: LinkState | None = None, bandwidth: bool = True) -> ProbeResult:
+    """Measures every directed link among ``ranks`` (global ranks); collective.
+
+    Args:
+        transport: this rank's connected transport.
+        ranks: global ranks of the group, in group order.
+        cfg: probe knobs.
+        epoch: probe number, the same on every rank (keeps probes apart on the wire).
+        state: if given, receives the results (indexed by group rank).
+        bandwidth: False measures RTT only (bandwidths reported as inf).
+
+    Returns:
+        The matrix in group-rank indices, identical on every rank.
+    """
+    cfg = cfg or ProbeConfig()
+    t_start = time.monotonic()
+    p = len(ranks)
+    g = list(ranks).index(transport.rank)
+    samples = measure_rtts(transport, ranks, cfg, epoch)
+    rtt_row = [0.0] * p
+    sd_row = [0.0] * p
+    for r, xs in samples.items():
+        rtt_row[ranks.index(r)] = statistics.median(xs)
+        sd_row[ranks.index(r)] = statistics.pstdev(xs) if len(xs) > 1 else 0.0
+    bw_col = [math.inf] * p  # bandwidth of links INTO this rank
+    sent = 0
+    if bandwidth:
+        for rnd in range(1, p):
+            to, frm = (g + rnd) % p, (g - rnd) % p
+            bw_col[frm] = _train_round(transport, ranks[to], ranks[frm], cfg, epoch, rnd, rtt_row[frm])
+            sent += cfg.train_bytes
+    rows = allgather_vector(transport, ranks, cfg.channel, _seq(epoch, 2, 0), rtt_row + sd_row + bw_col, cfg.timeout,
+                            op="probe-result")
+    rtt = [r[:p] for r in rows]
+    sd = [r[p:2 * p] for r in rows]
+    alpha = [[0.0 if i == j else (rtt[i][j] + rtt[j][i]) / 4.0 for j in range(p)] for i in range(p)]
+    # rows[j][2p + i] is bandwidth i -> j as measured by receiver j
+    beta = [[math.inf if i == j else rows[j][2 * p + i] for j in range(p)] for i in range(p)]
+    snap = LinkMatrixSnapshot.from_lists(alpha, beta, epoch)
+    if state is not None:
+        for i in range(p):
+            for j in range(p):
+                if i != j:
+                    state.set_probe(ranks[i], ranks[j], 2 * alpha[i][j], beta[i][j] if bandwidth else math.nan, (sd[i][j] + sd[j][i]) / 2)
+    sd_t = tuple(tuple(x) for x in sd)
+    seconds = time.monotonic() - t_start
+    logger.info("probe epoch %d on rank %d: %.3f s, %s", epoch, transport.rank, seconds, _fmt(snap))
+    return ProbeResult(snap, sd_t, seconds, sent)
+
+
+def _fmt(s: LinkMatrixSnapshot) -> str:
+    p = s.size
+    return "; ".join(f"{i}->{j} {s.alpha[i][j] * 1e3:.1f} ms {s.beta[i][j] * 8e-6:.1f} Mbit/s"
+                     for i in range(p) for j in range(p) if i != j)
