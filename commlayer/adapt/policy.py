@@ -1,0 +1,135 @@
+"""Policies and the candidate search of the controller.
+
+Candidates are every (algorithm, ring order, chunk size, codec) the cost model can price: the
+ring in the identity order and in the bandwidth-aware order (:mod:`commlayer.adapt.ringorder`) for
+each chunk size, and recursive doubling; each with every codec the policy admits. A policy then
+picks one:
+
+* ``exact``: the fastest exact configuration;
+* ``error_budget``: the fastest whose measured relative error is <= ``error_budget``;
+* ``hide``: the least lossy configuration whose predicted time fits in ``compute_s`` (the compute
+  it can overlap with); if none fits, the fastest within the error budget.
+
+Ties (within 1e-9 s) break on a fixed order, so every rank picks the same candidate.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+from commlayer.adapt.cost import CodecProfile, CostParams, allreduce_time
+from commlayer.adapt.estimator import LinkMatrixSnapshot
+from commlayer.adapt.ringorder import best_ring_order, bottleneck
+
+MODES = ("exact", "error_budget", "hide")
+DEFAULT_CODECS = ("fp16", "bf16", "int8", "qsgd:levels=127,bucket=512")
+
+
+@dataclass(frozen=True)
+class Policy:
+    """What the controller optimises.
+
+    Attributes:
+        mode: "exact", "error_budget" or "hide".
+        error_budget: largest relative error ||decode(encode(x)) - x|| / ||x|| allowed for lossy codecs.
+        compute_s: seconds of compute the all-reduce can hide behind ("hide" mode).
+        codecs: codec specs considered when a lossy plan is allowed.
+    """
+
+    mode: str = "exact"
+    error_budget: float = 0.0
+    compute_s: float = 0.0
+    codecs: tuple[str, ...] = DEFAULT_CODECS
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"Expected policy mode in {MODES}, got {self.mode!r}")
+        if self.error_budget < 0 or self.compute_s < 0:
+            raise ValueError(f"Expected error_budget >= 0 and compute_s >= 0, got {self.error_budget}, {self.compute_s}")
+
+    @classmethod
+    def from_env(cls) -> "Policy":
+        """``COMMLAYER_ADAPT_POLICY`` (mode), ``COMMLAYER_ERROR_BUDGET``, ``COMMLAYER_COMPUTE_S``, ``COMMLAYER_ADAPT_CODECS`` (;-separated)."""
+        codecs = os.environ.get("COMMLAYER_ADAPT_CODECS", "")
+        budget = float(os.environ.get("COMMLAYER_ERROR_BUDGET", "0") or 0)
+        mode = os.environ.get("COMMLAYER_ADAPT_POLICY", "") or ("error_budget" if budget > 0 else "exact")
+        return cls(mode, budget, float(os.environ.get("COMMLAYER_COMPUTE_S", "0") or 0),
+                   tuple(c for c in codecs.split(";") if c) if codecs else DEFAULT_CODECS)
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One priced configuration."""
+
+    algo: str
+    order: tuple[int, ...] | None
+    chunk_bytes: int
+    codec: CodecProfile
+    seconds: float
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"algo": self.algo, "order": list(self.order) if self.order else None, "chunk_bytes": self.chunk_bytes,
+                "codec": self.codec.spec, "predicted_s": self.seconds, "rel_error": self.codec.rel_error}
+
+    def sort_key(self) -> tuple:
+        return (round(self.seconds, 9), self.codec.rel_error, self.algo, self.chunk_bytes, self.order or (), self.codec.spec)
+
+
+def candidates(s: LinkMatrixSnapshot, nbytes: int, codecs: Sequence[CodecProfile], chunks: Sequence[int],
+               params: CostParams) -> list[Candidate]:
+    """Every configuration with its predicted time."""
+    p = s.size
+    ident = tuple(range(p))
+    orders = [ident]
+    best = best_ring_order(s)
+    if best != ident and bottleneck(s, best) > bottleneck(s, ident) * 1.0001:
+        orders.append(best)
+    block = max(1, nbytes // max(1, p))
+    out = []
+    for codec in codecs:
+        wire_block = block * codec.ratio
+        useful = sorted({c for c in chunks if c < 2 * wire_block} | {min(chunks)}) if chunks else [1 << 20]
+        for order in orders:
+            for c in useful:
+                t = allreduce_time(s, nbytes, "ring", order, c, params, codec)
+                out.append(Candidate("ring", None if order == ident else order, c, codec, t))
+        if codec.linear:
+            out.append(Candidate("tree", None, max(useful), codec, allreduce_time(s, nbytes, "tree", None, max(useful), params, codec)))
+    return out
+
+
+def choose(cands: Sequence[Candidate], policy: Policy, exact: bool) -> tuple[Candidate, str]:
+    """The candidate ``policy`` prefers, and why."""
+    if exact or policy.mode == "exact":
+        pool = [c for c in cands if not c.codec.spec]
+        best = min(pool, key=Candidate.sort_key)
+        return best, _why("fastest exact", best, pool)
+    pool = [c for c in cands if not c.codec.spec or c.codec.rel_error <= policy.error_budget]
+    if policy.mode == "hide" and policy.compute_s > 0:
+        fits = [c for c in pool if c.seconds <= policy.compute_s]
+        if fits:
+            best = min(fits, key=lambda c: (c.codec.rel_error, c.sort_key()))
+            return best, _why(f"least error hidden behind {policy.compute_s * 1e3:.1f} ms compute", best, pool)
+    best = min(pool, key=Candidate.sort_key)
+    return best, _why(f"fastest within error budget {policy.error_budget:g}", best, pool)
+
+
+def _why(rule: str, best: Candidate, pool: Sequence[Candidate]) -> str:
+    others = sorted((c for c in pool if c is not best), key=Candidate.sort_key)
+    runner = f"; next {others[0].algo}/{others[0].codec.spec or 'exact'}/{others[0].chunk_bytes >> 10}K " \
+             f"{others[0].seconds * 1e3:.1f} ms" if others else ""
+    return (f"{rule}: {best.algo}/{best.codec.spec or 'exact'}/{best.chunk_bytes >> 10}K order={best.order or 'identity'} "
+            f"predicted {best.seconds * 1e3:.1f} ms{runner}")
+
+
+def window(s: LinkMatrixSnapshot, c: Candidate) -> int:
+    """Chunks in flight that cover the ring's bandwidth-delay product (at least 1)."""
+    if c.algo != "ring":
+        return 1
+    order = c.order or tuple(range(s.size))
+    links = [(order[k], order[(k + 1) % len(order)]) for k in range(len(order))]
+    bdp = max(2 * s.alpha[a][b] * s.beta[a][b] for a, b in links)
+    return max(1, math.ceil(bdp / max(1, c.chunk_bytes))) if math.isfinite(bdp) else 1
