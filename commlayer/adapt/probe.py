@@ -3,10 +3,12 @@
 A probe is collective: every rank of the group calls :func:`probe_links` with the same ``epoch``.
 
 1. RTT: each rank sends ``pings`` rounds of PING to all peers; the peer's transport answers with a
-   PONG without involving its application. The median of the rounds is the RTT.
+   PONG without involving its application. The lower quartile of the rounds is the RTT (CPU
+   scheduling delays on a busy host only ever add time; on jittery links this reads ~0.7 sd low).
 2. Bandwidth: ``p - 1`` rounds; in round r group rank g sends a train to ``g + r`` and receives one
    from ``g - r`` (a permutation, so each rank uses one uplink and one downlink at a time, as a
-   ring step does). The receiver asks for its train ("go") and times it: if it was already waiting
+   ring step does). The receiver asks for its train ("go") and times it (a helper thread sends this
+   rank's own train, so the receiver is reading when its train arrives): if it was already waiting
    when the first message arrived, bandwidth = bytes after the first message / (last - first
    arrival) (packet-train dispersion); otherwise bytes / (time since go - RTT).
 3. The per-rank results (outgoing RTTs, incoming bandwidths) are all-gathered, so every rank builds
@@ -18,12 +20,14 @@ from __future__ import annotations
 import logging
 import math
 import statistics
+import threading
 import time
 from dataclasses import dataclass
 from typing import Any, Sequence
 
 from commlayer.adapt.estimator import LinkMatrixSnapshot, LinkState
 from commlayer.adapt.exchange import allgather_vector
+from commlayer.transport.errors import CommTimeout
 from commlayer.transport.wire import Header, Kind
 
 logger = logging.getLogger(__name__)
@@ -86,32 +90,53 @@ def measure_rtts(transport: Any, ranks: Sequence[int], cfg: ProbeConfig, epoch: 
     return samples
 
 
+def _send_train(transport: Any, to: int, cfg: ProbeConfig, seq: int, errors: list[BaseException]) -> None:
+    """Waits for ``to``'s go, then sends it the train (runs on a helper thread)."""
+    try:
+        size = cfg.train_bytes // cfg.train_msgs
+        payload = bytes(size)
+        transport.recv(cfg.channel, seq, 0, 0, to, cfg.timeout, f"probe go from rank {to}")
+        for c in range(cfg.train_msgs):
+            transport.send(to, Header(Kind.DATA, "probe-train", cfg.channel, seq, 1, c, transport.rank), [payload])
+    except BaseException as exc:  # reported by the caller
+        errors.append(exc)
+
+
 def _train_round(transport: Any, to: int, frm: int, cfg: ProbeConfig, epoch: int, rnd: int, rtt_frm: float) -> float:
-    """One bandwidth round: send a train to ``to`` when it asks, time the train from ``frm``. Returns B/s."""
+    """One bandwidth round: send a train to ``to`` when it asks, time the train from ``frm``. Returns B/s.
+
+    Sending runs on a helper thread so this thread is already reading when the train arrives,
+    whatever the other ranks' progress (a late reader would see the train as one burst).
+    """
     me, ch = transport.rank, cfg.channel
     seq = _seq(epoch, 1, rnd)
     size = cfg.train_bytes // cfg.train_msgs
-    payload = bytes(size)
-    t_go = time.monotonic()
-    transport.send(frm, Header(Kind.DATA, "probe-go", ch, seq, 0, 0, me), [])
-    transport.recv(ch, seq, 0, 0, to, cfg.timeout, f"probe go from rank {to}")
-    for c in range(cfg.train_msgs):
-        transport.send(to, Header(Kind.DATA, "probe-train", ch, seq, 1, c, me), [payload])
-    arrivals: list[float] = []
-    first_waited = False
-    for c in range(cfg.train_msgs):
-        t = time.monotonic()
-        transport.recv(ch, seq, 1, c, frm, cfg.timeout, f"probe train {c} from rank {frm}")
-        now = time.monotonic()
-        if c == 0:
-            first_waited = now - t > _QUEUED_S
-        arrivals.append(now)
-    total = size * cfg.train_msgs
+    errors: list[BaseException] = []
+    sender = threading.Thread(target=_send_train, args=(transport, to, cfg, seq, errors), name=f"probe-send-{me}", daemon=True)
+    sender.start()
+    try:
+        t_go = time.monotonic()
+        transport.send(frm, Header(Kind.DATA, "probe-go", ch, seq, 0, 0, me), [])
+        arrivals: list[float] = []
+        first_waited = False
+        for c in range(cfg.train_msgs):
+            t = time.monotonic()
+            transport.recv(ch, seq, 1, c, frm, cfg.timeout, f"probe train {c} from rank {frm}")
+            now = time.monotonic()
+            if c == 0:
+                first_waited = now - t > _QUEUED_S
+            arrivals.append(now)
+    finally:
+        sender.join(cfg.timeout)
+    if errors:
+        raise errors[0]
+    if sender.is_alive():
+        raise CommTimeout(f"probe: rank {to} did not ask for its train within {cfg.timeout:.0f} s")
     disp = arrivals[-1] - arrivals[0]
     if first_waited and disp > 0:
         return size * (cfg.train_msgs - 1) / disp
     span = arrivals[-1] - t_go - rtt_frm
-    return total / span if span > 0 else math.inf
+    return size * cfg.train_msgs / span if span > 0 else math.inf
 
 
 def probe_links(transport: Any, ranks: Sequence[int], cfg: ProbeConfig | None = None, epoch: int = 1,
@@ -133,11 +158,14 @@ def probe_links(transport: Any, ranks: Sequence[int], cfg: ProbeConfig | None = 
     t_start = time.monotonic()
     p = len(ranks)
     g = list(ranks).index(transport.rank)
+    # start together: a peer that is not yet inside the probe answers pings late (its I/O thread
+    # takes over the socket only after a grace period)
+    allgather_vector(transport, ranks, cfg.channel, _seq(epoch, 3, 0), [float(epoch)], cfg.timeout, op="probe-start")
     samples = measure_rtts(transport, ranks, cfg, epoch)
     rtt_row = [0.0] * p
     sd_row = [0.0] * p
     for r, xs in samples.items():
-        rtt_row[ranks.index(r)] = statistics.median(xs)
+        rtt_row[ranks.index(r)] = sorted(xs)[len(xs) // 4]  # lower quartile: scheduling delays only add
         sd_row[ranks.index(r)] = statistics.pstdev(xs) if len(xs) > 1 else 0.0
     bw_col = [math.inf] * p  # bandwidth of links INTO this rank
     sent = 0
