@@ -41,6 +41,7 @@ class TransportConfig:
         mailbox_messages: bound on such messages. ``COMMLAYER_MAILBOX_MESSAGES``.
         copy_threshold: frames below this many bytes are copied, larger ones sent zero-copy.
         hwm: ZeroMQ high-water mark (messages queued per peer before send blocks).
+        sockbuf: kernel socket buffer size in bytes (0 = the OS default). ``COMMLAYER_SOCKBUF``.
     """
 
     port: int = 0
@@ -52,6 +53,7 @@ class TransportConfig:
     mailbox_messages: int = 1 << 20
     copy_threshold: int = 64 * 1024
     hwm: int = 100_000
+    sockbuf: int = 0
 
     def __post_init__(self) -> None:
         if not 0 <= self.port < 65536:
@@ -72,4 +74,5 @@ class TransportConfig:
             linger=_env_float("COMMLAYER_LINGER", 2.0),
             mailbox_bytes=_env_int("COMMLAYER_MAILBOX_BYTES", 4 << 30),
             mailbox_messages=_env_int("COMMLAYER_MAILBOX_MESSAGES", 1 << 20),
+            sockbuf=_env_int("COMMLAYER_SOCKBUF", 0),
         )

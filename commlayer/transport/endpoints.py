@@ -26,6 +26,7 @@ class EndpointInfo:
         host_id: identifies the machine (hostname + boot id), to detect co-located peers.
         pid: process id (for messages).
         nonce: random per-process id; distinguishes a restarted peer from the old one.
+        curve_public: this rank's CURVE public key (z85), "" when encryption is off.
     """
 
     rank: int
@@ -34,6 +35,7 @@ class EndpointInfo:
     host_id: str
     pid: int
     nonce: str
+    curve_public: str = ""
 
     def to_json(self) -> bytes:
         return json.dumps(asdict(self)).encode()
@@ -42,7 +44,8 @@ class EndpointInfo:
     def from_json(cls, data: bytes | str, peer: int) -> "EndpointInfo":
         try:
             d: dict[str, Any] = json.loads(data)
-            return cls(int(d["rank"]), str(d["tcp"]), str(d["ipc"]), str(d["host_id"]), int(d["pid"]), str(d["nonce"]))
+            return cls(int(d["rank"]), str(d["tcp"]), str(d["ipc"]), str(d["host_id"]), int(d["pid"]), str(d["nonce"]),
+                       str(d.get("curve_public", "")))
         except Exception as exc:
             raise RuntimeError(f"rank {peer} published an unreadable endpoint record {data!r} ({exc}); "
                                "are all ranks running the same commlayer version?") from None

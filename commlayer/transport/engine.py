@@ -24,6 +24,7 @@ from commlayer.transport.config import TransportConfig
 from commlayer.transport.endpoints import EndpointInfo, choose_host, connect_overrides, host_id, ipc_path
 from commlayer.transport.errors import CommError, CommTimeout, PeerFailure, TransportClosed, WireError
 from commlayer.transport.mailbox import Mailbox, Message, timeout_error
+from commlayer.transport.security import CurveKeys, keys_from_env, secure_client, secure_server, start_authenticator, user_id
 from commlayer.transport.wire import Header, Kind, check_frames, unpack_header
 
 logger = logging.getLogger(__name__)
@@ -57,7 +58,8 @@ class Transport:
         name: label used in log and error messages.
     """
 
-    def __init__(self, rank: int, world_size: int, config: TransportConfig | None = None, name: str = "commlayer") -> None:
+    def __init__(self, rank: int, world_size: int, config: TransportConfig | None = None, name: str = "commlayer",
+                 curve: CurveKeys | None = None) -> None:
         if not 0 <= rank < world_size:
             raise ValueError(f"Expected 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
         self.rank = rank
@@ -71,8 +73,14 @@ class Transport:
         self._router = self._ctx.socket(zmq.ROUTER)
         self._router.setsockopt(zmq.LINGER, 0)
         self._router.setsockopt(zmq.RCVHWM, self.config.hwm)
+        if self.config.sockbuf:
+            self._router.setsockopt(zmq.RCVBUF, self.config.sockbuf)
         self._router.setsockopt(zmq.MAXMSGSIZE, -1)
         self._set_heartbeat(self._router)
+        self.curve = curve if curve is not None else keys_from_env(rank, world_size)
+        self._auth = start_authenticator(self._ctx, self.curve) if self.curve is not None else None
+        if self.curve is not None:
+            secure_server(self._router, self.curve)
         self._peers: dict[int, _Peer] = {}
         self._listeners: list[Callable[[int, str], None]] = []
         self._io_thread: threading.Thread | None = None
@@ -124,10 +132,12 @@ class Transport:
             except zmq.ZMQError as exc:  # e.g. no writable /tmp: TCP still works
                 logger.info("rank %d: no ipc endpoint (%s); co-located peers use TCP", self.rank, exc)
                 self._ipc_file = ""
-        if not host.startswith("127.") and host != "localhost":
-            logger.warning("rank %d listens on %s without encryption: anyone who can reach this port can talk to it; "
-                           "keep it on a private network", self.rank, tcp)
-        self.endpoint = EndpointInfo(self.rank, tcp, ipc, host_id(), os.getpid(), self.nonce)
+        if self.curve is None and not host.startswith("127.") and host != "localhost":
+            logger.warning("rank %d LISTENS ON %s WITHOUT ENCRYPTION: anyone who can reach this port can read and inject "
+                           "gradients. Set COMMLAYER_SECRET (same value on every rank) to encrypt and authenticate peers",
+                           self.rank, tcp)
+        pub = self.curve.public.decode() if self.curve is not None else ""
+        self.endpoint = EndpointInfo(self.rank, tcp, ipc, host_id(), os.getpid(), self.nonce, pub)
         return self.endpoint
 
     def connect(self, endpoints: dict[int, EndpointInfo]) -> None:
@@ -148,10 +158,21 @@ class Transport:
             sock = self._ctx.socket(zmq.DEALER)
             sock.setsockopt(zmq.ROUTING_ID, f"r{self.rank}".encode())
             sock.setsockopt(zmq.SNDHWM, self.config.hwm)
+            if self.config.sockbuf:
+                sock.setsockopt(zmq.SNDBUF, self.config.sockbuf)
             sock.setsockopt(zmq.LINGER, int(self.config.linger * 1000))
             sock.setsockopt(zmq.SNDTIMEO, int(self.config.timeout * 1000))
             sock.setsockopt(zmq.RECONNECT_IVL, 100)
             self._set_heartbeat(sock)
+            if self.curve is not None:
+                try:
+                    secure_client(sock, self.curve, self.curve.check_peer(p, info.curve_public))
+                except ConnectionRefusedError as exc:
+                    sock.close(linger=0)
+                    raise CommError(f"rank {self.rank} refuses to connect to rank {p}: {exc}") from None
+            elif info.curve_public:
+                sock.close(linger=0)
+                raise CommError(f"rank {p} requires encryption but this rank has no keys; set the same COMMLAYER_SECRET on every rank")
             monitor = sock.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED | zmq.EVENT_HANDSHAKE_FAILED_AUTH
                                               | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL)
             sock.connect(ep)
@@ -365,6 +386,10 @@ class Transport:
             check_frames(header, payload)
             if not (0 <= header.src < self.world_size) or ident != f"r{header.src}".encode() or header.src == self.rank:
                 raise WireError(f"header claims src={header.src} but the connection identifies as {ident!r}")
+            if self.curve is not None and self.curve.by_rank is not None:
+                uid = user_id(frames[1])
+                if uid.encode() != self.curve.by_rank[header.src]:
+                    raise WireError(f"message claims src={header.src} but its connection authenticated as another key ({uid[:8]}...)")
         except WireError as exc:
             self.rejected += 1
             logger.error("rank %d rejected a message from connection %r: %s", self.rank, ident, exc)
@@ -410,7 +435,11 @@ class Transport:
                 if p.state == "connected" and not self._closing.is_set() and not p.suspect_since:
                     p.suspect_since = time.monotonic()
             elif event in (zmq.EVENT_HANDSHAKE_FAILED_AUTH, zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL):
-                logger.error("rank %d: handshake with rank %d at %s failed (event %s)", self.rank, p.rank, p.endpoint, event)
+                why = ("it rejected this rank's key (different COMMLAYER_SECRET or key files?)"
+                       if event == zmq.EVENT_HANDSHAKE_FAILED_AUTH else "the security handshake failed (encryption on one side only?)")
+                logger.error("rank %d: connection to rank %d at %s refused: %s", self.rank, p.rank, p.endpoint, why)
+                p.state = "dead"
+                self.mailbox.peer_failed(p.rank, f"connection refused: {why}")
 
     def _check_suspects(self) -> None:
         now = time.monotonic()
@@ -466,6 +495,8 @@ class Transport:
                         s.close(linger=0)
                 self._wake_send = None
             self._router.close(linger=0)
+            if self._auth is not None:
+                self._auth.stop()
             self._ctx.term()
         finally:
             if got_rx:
