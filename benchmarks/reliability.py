@@ -1,0 +1,645 @@
+"""Reliability runs of the zmq backend: kill injection, frame fuzzing, soak and timeouts (issue 7).
+
+Every part runs real processes over real loopback sockets and is bounded in time. The small
+versions run in CI (``tests/test_reliability*.py`` import this module); the full-size runs are
+
+    python benchmarks/reliability.py --kill 50 --fuzz 100000 --soak 10000          # the issue's figures
+    python benchmarks/reliability.py --kill 6 --fuzz 3000 --soak 500 --timeouts --json out.json
+
+and print one table. Processes come from a ``forkserver`` that has imported torch once, so a
+kill run costs a fork, not a torch import. Randomness comes from private generators seeded from
+``--seed``; every rank derives the same operation sequence from it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import faulthandler
+import json
+import logging
+import math
+import multiprocessing as mp
+import os
+import queue
+import random
+import re
+import signal
+import socket
+import sys
+import threading
+import time
+import traceback
+import warnings
+from dataclasses import asdict, dataclass, field
+from datetime import timedelta
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+import msgpack
+import torch
+import torch.distributed as dist
+
+from commlayer.transport.errors import CommError, CommTimeout, WireError
+from commlayer.transport.wire import DTYPE_SIZES, MAX_HEADER_BYTES, Header, Kind, check_frames, unpack_header
+
+logger = logging.getLogger(__name__)
+
+# ==================================================================================== process harness
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def census(pid: int | str = "self") -> dict[str, int]:
+    """File descriptors, OS threads and resident memory of a process (from /proc)."""
+    out = {"fds": -1, "threads": -1, "rss_kb": -1, "hwm_kb": -1}
+    try:
+        out["fds"] = len(os.listdir(f"/proc/{pid}/fd"))
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                key, _, val = line.partition(":")
+                if key == "Threads":
+                    out["threads"] = int(val)
+                elif key == "VmRSS":
+                    out["rss_kb"] = int(val.split()[0])
+                elif key == "VmHWM":
+                    out["hwm_kb"] = int(val.split()[0])
+    except OSError:
+        pass
+    return out
+
+
+def commlayer_threads() -> list[str]:
+    return sorted(t.name for t in threading.enumerate() if t.name.startswith("commlayer"))
+
+
+_CTX: Any = None
+
+
+def _mp() -> Any:
+    """A forkserver context that has imported torch and this module once (cheap children)."""
+    global _CTX
+    if _CTX is None:
+        os.environ.setdefault("OMP_NUM_THREADS", "1")  # inherited by the server before torch loads
+        ctx = mp.get_context("forkserver")
+        ctx.set_forkserver_preload(["torch", "torch.distributed", __name__])
+        _CTX = ctx
+    return _CTX
+
+
+def stack_file(pid: int) -> Path:
+    return Path(os.environ.get("TMPDIR", "/tmp")) / f"commlayer-reliability-{pid}.stacks"
+
+
+def _child(fn: Callable[..., Any], rank: int, world: int, env: dict[str, str], args: Sequence[Any], q: Any) -> None:
+    stacks = open(stack_file(os.getpid()), "w")  # SIGUSR1 dumps every thread's stack here (for hang reports)
+    faulthandler.register(signal.SIGUSR1, file=stacks, all_threads=True)
+    os.environ.update(env)
+    os.environ["RANK"] = str(rank)
+    os.environ["LOCAL_RANK"] = str(rank)
+    logging.getLogger("commlayer").setLevel(logging.CRITICAL)  # rejections and peer deaths are expected here
+    warnings.filterwarnings("ignore", category=FutureWarning)  # torch's renames of the *_tensor collectives
+    try:
+        q.put((rank, "result", fn(rank, world, q, *args)))
+    except BaseException as exc:  # report everything, including SystemExit
+        q.put((rank, "error", f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}"))
+
+
+class World:
+    """``world`` processes running ``fn(rank, world, events, *args)``; they may post ``(rank, kind, value)``.
+
+    Unlike ``tests/multiproc.run_world`` the parent keeps the processes, so it can kill, stop or
+    attack them while they run and check afterwards that none is left behind.
+    """
+
+    def __init__(self, fn: Callable[..., Any], world: int, *args: Any, env: dict[str, str] | None = None) -> None:
+        ctx = _mp()
+        self.world = world
+        self.q = ctx.Queue()
+        self.env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "WORLD_SIZE": str(world),
+                    "LOCAL_WORLD_SIZE": str(world), "OMP_NUM_THREADS": "1", **(env or {})}
+        self.procs = [ctx.Process(target=_child, args=(fn, r, world, self.env, args, self.q), daemon=True)
+                      for r in range(world)]
+        self.events: list[tuple[int, str, Any]] = []
+
+    def start(self) -> "World":
+        for p in self.procs:
+            p.start()
+        return self
+
+    def next_event(self, timeout: float) -> tuple[int, str, Any] | None:
+        try:
+            ev = self.q.get(timeout=max(0.0, timeout))
+        except queue.Empty:
+            return None
+        self.events.append(ev)
+        return ev
+
+    def wait_for(self, kind: str, ranks: Sequence[int], timeout: float) -> dict[int, Any]:
+        """Collects one ``kind`` event (or a result/error) from each of ``ranks`` until ``timeout``."""
+        got: dict[int, Any] = {}
+        deadline = time.monotonic() + timeout
+        for r, k, v in self.events:
+            if r in ranks and k in (kind, "result", "error") and r not in got:
+                got[r] = (k, v)
+        while len(got) < len(ranks):
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            ev = self.next_event(min(remaining, 0.5))
+            if ev is None:
+                if all(self.procs[r].exitcode is not None for r in ranks if r not in got):
+                    ev = self.next_event(0.5)  # a last message may still be in flight
+                    if ev is None:
+                        break
+                else:
+                    continue
+            r, k, v = ev
+            if r in ranks and k in (kind, "result", "error") and r not in got:
+                got[r] = (k, v)
+        return got
+
+    def stacks(self, rank: int) -> str:
+        """Every thread's stack of a live rank (for a hang report); '' if it is gone."""
+        p = self.procs[rank]
+        if not p.is_alive():
+            return ""
+        try:
+            os.kill(p.pid, signal.SIGUSR1)
+            time.sleep(1.0)
+            return stack_file(p.pid).read_text()
+        except OSError:
+            return ""
+
+    def close(self, grace: float = 10.0) -> list[int]:
+        """Waits up to ``grace`` s for every process to exit, then kills the rest. Returns the killed ranks."""
+        deadline = time.monotonic() + grace
+        for p in self.procs:
+            p.join(timeout=max(0.0, deadline - time.monotonic()))
+        leftovers = [r for r, p in enumerate(self.procs) if p.is_alive()]
+        for r in leftovers:
+            try:
+                os.kill(self.procs[r].pid, signal.SIGCONT)
+            except OSError:
+                pass
+            self.procs[r].kill()
+            self.procs[r].join(timeout=5)
+        self.q.close()
+        self.q.join_thread()
+        for p in self.procs:
+            if p.pid:
+                stack_file(p.pid).unlink(missing_ok=True)
+        return leftovers
+
+
+def _remove_stale_ipc(pids: Sequence[int]) -> int:
+    """Deletes IPC socket files of killed ranks (a SIGKILLed process cannot unlink its own)."""
+    base = Path(os.environ.get("COMMLAYER_IPC_DIR", "/tmp"))
+    n = 0
+    for pid in pids:
+        for f in base.glob(f"commlayer-{pid}-*.sock"):
+            try:
+                f.unlink()
+                n += 1
+            except OSError:
+                pass
+    return n
+
+
+# ==================================================================================== random collectives
+
+OPS = ("all_reduce_small", "all_reduce_large", "broadcast", "reduce", "all_gather", "all_gather_into_tensor",
+       "gather", "scatter", "reduce_scatter", "reduce_scatter_tensor", "all_to_all", "all_to_all_single", "barrier",
+       "send_recv")
+_REDUCING = {"all_reduce_small", "all_reduce_large", "reduce", "reduce_scatter", "reduce_scatter_tensor"}
+_FLOATS = (torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.complex64)
+_INTS = (torch.int32, torch.int64, torch.int8, torch.uint8)
+_RED = dist.ReduceOp
+
+
+@dataclass
+class OpSpec:
+    """One randomly chosen operation, identical on every rank."""
+
+    step: int
+    name: str
+    dtype: torch.dtype = torch.float32
+    numel: int = 0
+    root: int = 0
+    op: Any = None
+    peer: int = 1  # send/recv: receiver (root is the sender)
+    splits: list[list[int]] = field(default_factory=list)  # all_to_all: splits[src][dst]
+    async_op: bool = False
+
+    def describe(self) -> str:
+        op = getattr(self.op, "name", str(self.op)) if self.op is not None else ""
+        return f"#{self.step} {self.name} {str(self.dtype).removeprefix('torch.')} x{self.numel} root={self.root} {op}".strip()
+
+
+def _numel(rng: random.Random, large: bool, max_elems: int) -> int:
+    if large:
+        return rng.randint(max(1, max_elems // 4), max_elems)
+    u = rng.random()
+    if u < 0.05:
+        return 0
+    if u < 0.7:
+        return rng.randint(1, 64)
+    return rng.randint(65, max(65, min(20_000, max_elems)))
+
+
+def random_op(seed: int, step: int, world: int, max_elems: int, ops: Sequence[str] = OPS) -> OpSpec:
+    """The ``step``-th operation of a seeded sequence (same on every rank)."""
+    rng = random.Random(seed * 1_000_003 + step)
+    name = rng.choice(list(ops))
+    spec = OpSpec(step, name, root=rng.randrange(world), async_op=rng.random() < 0.15)
+    spec.numel = _numel(rng, name == "all_reduce_large" or rng.random() < 0.03, max_elems)
+    if name in _REDUCING:
+        if rng.random() < 0.6:
+            spec.dtype = rng.choice(_FLOATS)
+            # torch itself refuses PRODUCT, MIN and MAX on complex tensors
+            choices = [_RED.SUM, _RED.AVG] + ([_RED.PRODUCT, _RED.MIN, _RED.MAX] if not spec.dtype.is_complex else [])
+        else:
+            spec.dtype = rng.choice(_INTS)
+            choices = [_RED.SUM, _RED.PRODUCT, _RED.MIN, _RED.MAX, _RED.BAND, _RED.BOR, _RED.BXOR]
+            if spec.dtype != torch.uint8:
+                choices.append(_RED.AVG)
+        spec.op = rng.choice(choices)
+    else:
+        spec.dtype = rng.choice(_FLOATS + _INTS + (torch.bool,))
+    if name == "send_recv":
+        spec.peer = rng.choice([r for r in range(world) if r != spec.root]) if world > 1 else spec.root
+    if name in ("all_to_all", "all_to_all_single"):
+        spec.numel = min(spec.numel, 4096)
+        spec.splits = [[rng.randint(0, max(1, spec.numel // world)) for _ in range(world)] for _ in range(world)]
+    return spec
+
+
+def make_input(seed: int, spec: OpSpec, rank: int, numel: int | None = None) -> torch.Tensor:
+    """Rank ``rank``'s input of ``spec``: small integers, so every reduction order gives the same bits."""
+    n = spec.numel if numel is None else numel
+    g = torch.Generator().manual_seed((seed * 7_919 + spec.step * 104_729 + rank * 15_485_863) % (2**62))
+    dt = spec.dtype
+    if dt == torch.bool:
+        return torch.randint(0, 2, (n,), generator=g).bool()
+    if spec.op == _RED.PRODUCT:
+        vals = torch.tensor([1, 2] if dt == torch.uint8 else [-2, -1, 1, 2], dtype=torch.int64)
+        x = vals[torch.randint(0, len(vals), (n,), generator=g)]
+    elif spec.op in (_RED.BAND, _RED.BOR, _RED.BXOR) or dt == torch.uint8:
+        x = torch.randint(0, 16, (n,), generator=g)
+    else:
+        x = torch.randint(-8, 9, (n,), generator=g)
+    if dt.is_complex:
+        y = torch.randint(-8, 9, (n,), generator=g)
+        return torch.complex(x.float(), y.float()).to(dt)
+    return x.to(dt)
+
+
+def _reduce_ref(xs: list[torch.Tensor], op: Any, world: int) -> torch.Tensor:
+    out = xs[0].clone()
+    for x in xs[1:]:
+        if op in (_RED.SUM, _RED.AVG):
+            out.add_(x)
+        elif op == _RED.PRODUCT:
+            out.mul_(x)
+        elif op == _RED.MIN:
+            out = torch.minimum(out, x)
+        elif op == _RED.MAX:
+            out = torch.maximum(out, x)
+        elif op == _RED.BAND:
+            out.bitwise_and_(x)
+        elif op == _RED.BOR:
+            out.bitwise_or_(x)
+        elif op == _RED.BXOR:
+            out.bitwise_xor_(x)
+    if op == _RED.AVG and world > 1:
+        out = out / world if (out.dtype.is_floating_point or out.dtype.is_complex) else torch.div(out, world, rounding_mode="trunc")
+        out = out.to(xs[0].dtype)
+    return out
+
+
+Check = Callable[[], str | None]
+
+
+def _same(what: str, got: torch.Tensor, want: torch.Tensor) -> str | None:
+    if got.dtype != want.dtype or got.shape != want.shape:
+        return f"{what}: got {got.dtype} {tuple(got.shape)}, expected {want.dtype} {tuple(want.shape)}"
+    if torch.equal(got, want):
+        return None
+    bad = (got != want).nonzero()
+    i = int(bad[0, 0]) if bad.numel() else -1
+    return f"{what}: {bad.shape[0]} elements differ, first at {i}: got {got.reshape(-1)[i].item()}, expected {want.reshape(-1)[i].item()}"
+
+
+def issue_op(spec: OpSpec, rank: int, world: int, seed: int, check: bool) -> tuple[Any, Check | None]:
+    """Issues ``spec`` on the default group. Returns its work (or None) and a result check run after completion."""
+    name, n, dt, root, a = spec.name, spec.numel, spec.dtype, spec.root, spec.async_op
+    mine = make_input(seed, spec, rank)
+    inp = (lambda r, k=None: make_input(seed, spec, r, k))
+    what = spec.describe()
+    if name in ("all_reduce_small", "all_reduce_large"):
+        w = dist.all_reduce(mine, op=spec.op, async_op=a)
+        return w, (lambda: _same(what, mine, _reduce_ref([inp(r) for r in range(world)], spec.op, world))) if check else None
+    if name == "broadcast":
+        w = dist.broadcast(mine, src=root, async_op=a)
+        return w, (lambda: _same(what, mine, inp(root))) if check else None
+    if name == "reduce":
+        w = dist.reduce(mine, dst=root, op=spec.op, async_op=a)
+        want = (lambda: _reduce_ref([inp(r) for r in range(world)], spec.op, world)) if rank == root else (lambda: inp(rank))
+        return w, (lambda: _same(what, mine, want())) if check else None
+    if name == "all_gather":
+        outs = [torch.empty(n, dtype=dt) for _ in range(world)]
+        w = dist.all_gather(outs, mine, async_op=a)
+        return w, (lambda: next((e for r in range(world) if (e := _same(f"{what} from {r}", outs[r], inp(r)))), None)) if check else None
+    if name == "all_gather_into_tensor":
+        out = torch.empty(n * world, dtype=dt)
+        w = dist.all_gather_into_tensor(out, mine, async_op=a)
+        return w, (lambda: _same(what, out, torch.cat([inp(r) for r in range(world)]))) if check else None
+    if name == "gather":
+        outs = [torch.empty(n, dtype=dt) for _ in range(world)] if rank == root else None
+        w = dist.gather(mine, outs, dst=root, async_op=a)
+        if rank != root:
+            return w, None
+        return w, (lambda: next((e for r in range(world) if (e := _same(f"{what} from {r}", outs[r], inp(r)))), None)) if check else None
+    if name == "scatter":
+        ins = [make_input(seed, spec, root * world + d) for d in range(world)] if rank == root else None
+        out = torch.empty(n, dtype=dt)
+        w = dist.scatter(out, ins, src=root, async_op=a)
+        return w, (lambda: _same(what, out, make_input(seed, spec, root * world + rank))) if check else None
+    if name == "reduce_scatter":
+        ins = [make_input(seed, spec, rank * world + d) for d in range(world)]
+        out = torch.empty(n, dtype=dt)
+        w = dist.reduce_scatter(out, ins, op=spec.op, async_op=a)
+        return w, (lambda: _same(what, out, _reduce_ref([make_input(seed, spec, s * world + rank) for s in range(world)],
+                                                        spec.op, world))) if check else None
+    if name == "reduce_scatter_tensor":
+        big = inp(rank, n * world)
+        out = torch.empty(n, dtype=dt)
+        w = dist.reduce_scatter_tensor(out, big, op=spec.op, async_op=a)
+        return w, (lambda: _same(what, out, _reduce_ref([inp(s, n * world)[rank * n:(rank + 1) * n] for s in range(world)],
+                                                        spec.op, world))) if check else None
+    if name in ("all_to_all", "all_to_all_single"):
+        sp = spec.splits
+        send = inp(rank, sum(sp[rank]))
+        recv_sizes = [sp[s][rank] for s in range(world)]
+
+        def expected() -> torch.Tensor:
+            parts = []
+            for s in range(world):
+                off = sum(sp[s][:rank])
+                parts.append(inp(s, sum(sp[s]))[off:off + sp[s][rank]])
+            return torch.cat(parts)
+
+        if name == "all_to_all":
+            outs = [torch.empty(k, dtype=dt) for k in recv_sizes]
+            w = dist.all_to_all(outs, list(send.split(sp[rank])), async_op=a)
+            return w, (lambda: _same(what, torch.cat(outs), expected())) if check else None
+        out = torch.empty(sum(recv_sizes), dtype=dt)
+        w = dist.all_to_all_single(out, send, recv_sizes, sp[rank], async_op=a)
+        return w, (lambda: _same(what, out, expected())) if check else None
+    if name == "barrier":
+        return dist.barrier(async_op=a), None
+    if name == "send_recv":
+        if world < 2 or rank not in (root, spec.peer):
+            return None, None
+        if rank == root:
+            return (dist.isend(mine, dst=spec.peer, tag=spec.step) if a else dist.send(mine, dst=spec.peer, tag=spec.step)), None
+        out = torch.empty(n, dtype=dt)
+        w = dist.irecv(out, src=root, tag=spec.step) if a else dist.recv(out, src=root, tag=spec.step)
+        return (w if a else None), (lambda: _same(what, out, inp(root))) if check else None
+    raise ValueError(f"unknown op {name}")
+
+
+def _finish(pending: list[tuple[Any, Check | None, OpSpec]], mismatches: list[str], timeout: float | None = None) -> None:
+    for w, chk, spec in pending:
+        if w is not None and not isinstance(w, int):
+            w.wait(timeout=timedelta(seconds=timeout)) if timeout else w.wait()
+        if chk is not None:
+            err = chk()
+            if err:
+                mismatches.append(err)
+    pending.clear()
+
+
+def run_ops(rank: int, world: int, seed: int, start: int, count: int, max_elems: int, check: bool,
+            mismatches: list[str], ops: Sequence[str] = OPS, stop: Callable[[int], bool] | None = None) -> int:
+    """Runs ops ``start .. start+count-1``; async ones are waited for in batches. Returns how many were issued."""
+    pending: list[tuple[Any, Check | None, OpSpec]] = []
+    i = start
+    for i in range(start, start + count):
+        if stop is not None and stop(i):
+            break
+        spec = random_op(seed, i, world, max_elems, ops)
+        w, chk = issue_op(spec, rank, world, seed, check)
+        pending.append((w, chk, spec))
+        if not spec.async_op or len(pending) >= 4:
+            _finish(pending, mismatches)
+    else:
+        i += 1
+    _finish(pending, mismatches)
+    return i - start
+
+
+# ==================================================================================== kill injection
+
+KILL_MODES = ("exit", "sigkill", "sigstop")
+
+
+def _init(timeout: float) -> None:
+    dist.init_process_group("zmq", timeout=timedelta(seconds=timeout))
+
+
+def fd_names() -> list[str]:
+    """What each open file descriptor of this process points to."""
+    out = []
+    for f in os.listdir("/proc/self/fd"):
+        try:
+            out.append(re.sub(r"\[\d+\]$", "", os.readlink(f"/proc/self/fd/{f}")))
+        except OSError:
+            pass
+    return sorted(out)
+
+
+def _diff(before: list[str], after: list[str]) -> list[str]:
+    rest = list(before)
+    added = []
+    for x in after:
+        if x in rest:
+            rest.remove(x)
+        else:
+            added.append(x)
+    return added
+
+
+def kill_worker(rank: int, world: int, events: Any, seed: int, victim: int, mode: str, delay: float,
+                kill_times: Any, max_elems: int, deadline: float, reform_port: int) -> dict:
+    """One rank of a kill run: random collectives until the victim dies, then a clean shutdown.
+
+    The victim (mode ``exit``) calls ``os._exit`` from a timer ``delay`` s into the run, wherever its
+    main thread is; in the other modes the parent signals it. Survivors report the error they got,
+    when they got it (``time.monotonic`` is system-wide), and their threads and fds after
+    ``destroy_process_group``.
+    """
+    _init(timeout=60.0)
+    events.put((rank, "ready", os.getpid()))
+    if rank == victim and mode == "exit":
+        def die() -> None:
+            kill_times[victim] = time.monotonic()
+            os._exit(9)
+        timer = threading.Timer(delay, die)
+        timer.daemon = True
+        timer.start()
+    err: tuple[str, str, int | None] | None = None
+    t_err = 0.0
+    step = 0
+    t_end = time.monotonic() + deadline
+    mism: list[str] = []
+    try:
+        step = run_ops(rank, world, seed, 0, 10**7, max_elems, False, mism, stop=lambda i: time.monotonic() > t_end)
+    except Exception as exc:
+        t_err = time.monotonic()
+        err = (type(exc).__name__, str(exc)[:600], getattr(exc, "peer", None))
+        is_comm = isinstance(exc, CommError)
+    else:
+        is_comm = False
+    t0 = time.monotonic()
+    dist.destroy_process_group()
+    destroy_s = time.monotonic() - t0
+    after, threads_left = fd_names(), commlayer_threads()
+    # Re-form a group of the survivors (what an elastic launcher does) and shut it down again: the
+    # second destroy must leave exactly the descriptors the first one left (the first init creates
+    # torch's one-time state).
+    reform = None
+    if err is not None and rank != victim:
+        survivors = [r for r in range(world) if r != victim]
+        os.environ["MASTER_PORT"] = str(reform_port)
+        try:
+            dist.init_process_group("zmq", rank=survivors.index(rank), world_size=len(survivors), timeout=timedelta(seconds=30))
+            t = torch.ones(8)
+            dist.all_reduce(t)
+            dist.destroy_process_group()
+            reform = float(t[0])
+        except Exception as exc:
+            reform = f"{type(exc).__name__}: {exc}"
+    again = fd_names()
+    return {"error": err, "comm_error": is_comm, "t_err": t_err, "steps": step, "destroy_s": destroy_s,
+            "threads_left": threads_left + commlayer_threads(), "reform": reform,
+            "fds_added": _diff(after, again), "pid": os.getpid()}
+
+
+@dataclass
+class KillRun:
+    """Outcome of one kill run."""
+
+    run: int
+    world: int
+    victim: int
+    mode: str
+    delay: float
+    clean: bool
+    detect_s: float  # worst survivor: kill -> exception
+    problems: list[str]
+    errors: dict[int, str]
+
+
+def names_rank(msg: str, rank: int) -> bool:
+    """True if ``msg`` names ``rank`` as the failed peer ("rank 2 ...", "global rank 2", "from rank 2")."""
+    return re.search(rf"\brank {rank}\b", msg) is not None
+
+
+def kill_once(run: int, seed: int, heartbeat: float, max_elems: int = 1 << 18, modes: Sequence[str] = KILL_MODES,
+              worlds: Sequence[int] = (3, 4), limit: float | None = None) -> KillRun:
+    """One kill run: a random world size, victim, kill mode and moment. ``limit``: detection bound for 'clean'."""
+    rng = random.Random(seed * 31 + run)
+    world = rng.choice(list(worlds))
+    victim = rng.randrange(world)
+    mode = modes[run % len(modes)]
+    delay = rng.uniform(0.05, 1.5)
+    limit = 2 * heartbeat if limit is None else limit
+    kill_times = _mp().Array("d", world, lock=False)
+    env = {"COMMLAYER_HEARTBEAT": str(heartbeat), "COMMLAYER_LINGER": "1"}
+    deadline = 30.0 + 4 * heartbeat  # survivors stop looping after this long even if nothing happens
+    w = World(kill_worker, world, seed * 7 + run, victim, mode, delay, kill_times, max_elems, deadline, free_port(), env=env).start()
+    problems: list[str] = []
+    errors: dict[int, str] = {}
+    detect = math.inf
+    try:
+        ready = w.wait_for("ready", list(range(world)), 120.0)
+        if len(ready) < world or any(k != "ready" for k, _ in ready.values()):
+            problems.append(f"setup failed: {ready}")
+        else:
+            if mode != "exit":
+                time.sleep(delay)
+                kill_times[victim] = time.monotonic()
+                try:
+                    os.kill(w.procs[victim].pid, signal.SIGKILL if mode == "sigkill" else signal.SIGSTOP)
+                except ProcessLookupError:
+                    problems.append(f"rank {victim} exited before it was killed: {[e for e in w.events if e[0] == victim][-1:]}")
+            survivors = [r for r in range(world) if r != victim]
+            res = w.wait_for("result", survivors, deadline + 30.0)
+            worst = 0.0
+            for r in survivors:
+                if r not in res:
+                    problems.append(f"rank {r} hung (no report); its stacks:\n{w.stacks(r)[-3000:]}")
+                    continue
+                kind, v = res[r]
+                if kind != "result":
+                    problems.append(f"rank {r} crashed: {v[-400:]}")
+                    continue
+                if v["error"] is None:
+                    problems.append(f"rank {r} finished {v['steps']} ops without noticing the dead rank")
+                    continue
+                etype, msg, _peer = v["error"]
+                errors[r] = f"{etype}: {msg}"
+                took = v["t_err"] - kill_times[victim]
+                worst = max(worst, took)
+                if not v["comm_error"]:
+                    problems.append(f"rank {r} raised {etype}, not a CommError: {msg[:200]}")
+                elif not names_rank(msg, victim):
+                    problems.append(f"rank {r}'s error does not name rank {victim}: {etype}: {msg[:300]}")
+                if took > limit:
+                    problems.append(f"rank {r} needed {took:.2f} s to notice (limit {limit:.1f} s)")
+                if v["threads_left"]:
+                    problems.append(f"rank {r}: threads left after destroy_process_group: {v['threads_left']}")
+                if r == min(x for x in range(world) if x != victim) and r != 0:
+                    v["fds_added"] = [f for f in v["fds_added"] if f != "pipe:"]  # torch's TCPStore server, once per process
+                if v["fds_added"]:
+                    problems.append(f"rank {r}: a second init/destroy left more fds open: {v['fds_added']}")
+                if v["reform"] != float(world - 1):
+                    problems.append(f"rank {r}: the survivors could not form a new group: {v['reform']}")
+            detect = worst if errors else math.inf
+    finally:
+        if mode == "sigstop":
+            try:
+                os.kill(w.procs[victim].pid, signal.SIGKILL)
+            except OSError:
+                pass
+        leftovers = w.close(grace=15.0)
+        orphans = [r for r in leftovers if r != victim]
+        if orphans:
+            problems.append(f"ranks {orphans} did not exit and were killed")
+        for r, p in enumerate(w.procs):
+            if r != victim and p.exitcode not in (0, None) and r not in orphans:
+                problems.append(f"rank {r} exited with code {p.exitcode}")
+        _remove_stale_ipc([p.pid for p in w.procs if p.pid])
+    return KillRun(run, world, victim, mode, round(delay, 3), not problems, round(detect, 3), problems, errors)
+
+
+def run_kill(n: int, seed: int, heartbeat: float = 2.0, max_elems: int = 1 << 18, log: Callable[[str], None] = print,
+             modes: Sequence[str] = KILL_MODES) -> dict:
+    """``n`` kill runs; returns the counts, the worst detection time per mode and every unclean run."""
+    runs = []
+    t0 = time.monotonic()
+    for i in range(n):
+        r = kill_once(i, seed, heartbeat, max_elems, modes)
+        runs.append(r)
+        log(f"kill {i + 1}/{n}: world {r.world} victim {r.victim} {r.mode:7s} after {r.delay:.2f} s: "
+            f"{'clean' if r.clean else 'UNCLEAN'}, detected in {r.detect_s:.2f} s" + ("" if r.clean else f" {r.problems}"))
+    by_mode = {m: [r.detect_s for r in runs if r.mode == m and math.isfinite(r.detect_s)] for m in modes}
+    return {"runs": n, "clean": sum(r.clean for r in runs), "heartbeat_s": heartbeat, "seconds": round(time.monotonic() - t0, 1),
+            "worst_detect_s": {m: (max(v) if v else None) for m, v in by_mode.items()},
+            "median_detect_s": {m: (sorted(v)[len(v) // 2] if v else None) for m, v in by_mode.items()},
+            "unclean": [asdict(r) for r in runs if not r.clean],
+            "sample_errors": sorted({e.split(":", 1)[0] + ": " + e.split(":", 1)[1][:160] for r in runs[:3] for e in r.errors.values()})}
