@@ -19,7 +19,6 @@ import torch
 
 from commlayer.adapt.cost import CodecProfile
 from commlayer.codecs import CodecContext, aggregation_mode, from_spec
-from commlayer.topologies.codec_allreduce import codec_allreduce
 from commlayer.topologies.comm import Group
 from commlayer.topologies.dense import allreduce as dense_allreduce
 from commlayer.topologies.reduce_ops import ReduceOp, finalize_
@@ -94,6 +93,8 @@ def run_allreduce(group: Group, flat: torch.Tensor, op: ReduceOp, plan: Any, cod
     t0 = time.perf_counter()
     info: dict[str, Any] = {"plan": plan.tag, "algo": plan.algo, "codec": plan.codec_spec, "bytes": flat.numel() * flat.element_size()}
     if plan.codec_spec and op in (ReduceOp.SUM, ReduceOp.AVG) and flat.is_floating_point():
+        from commlayer.topologies.codec_allreduce import codec_allreduce  # only codec plans need it
+
         codec = (codecs or CodecCache()).get(plan.codec_spec)
         ctx = CodecContext((flat.numel(),), flat.dtype, key=key, step=step, seed=seed)
         codec_allreduce(comm, flat, codec, ctx, plan.algo, average=op == ReduceOp.AVG, order=plan.ring_order,
