@@ -12,7 +12,7 @@ from commlayer.topologies.recursive_doubling import recursive_doubling_allreduce
 from commlayer.topologies.reduce_ops import ReduceOp
 from commlayer.topologies.ring import DEFAULT_CHUNK_BYTES, ring_allreduce
 
-ALGORITHMS = ("auto", "ring", "tree")
+ALGORITHMS = ("auto", "ring", "tree", "ps")
 # Below this many bytes the latency of 2(p-1) ring hops outweighs the ring's bandwidth advantage.
 SMALL_BYTES = int(os.environ.get("COMMLAYER_SMALL_BYTES", 64 * 1024))
 
@@ -26,7 +26,8 @@ def allreduce(comm: OpComm, flat: torch.Tensor, op: ReduceOp, algo: str = "auto"
     """All-reduces the 1-D contiguous ``flat`` in place; returns the algorithm used.
 
     Args:
-        algo: "ring" (chunked pipelined ring), "tree" (recursive doubling) or "auto" (by size).
+        algo: "ring" (chunked pipelined ring), "tree" (recursive doubling), "ps" (co-located parameter
+            servers, ``COMMLAYER_PS_SERVERS``) or "auto" (by size).
     """
     if algo not in ALGORITHMS:
         raise ValueError(f"Expected algo in {ALGORITHMS}, got {algo!r}")
@@ -34,6 +35,10 @@ def allreduce(comm: OpComm, flat: torch.Tensor, op: ReduceOp, algo: str = "auto"
         algo = choose_algorithm(flat.numel() * flat.element_size(), comm.size)
     if algo == "ring":
         ring_allreduce(comm, flat, op, order=order, chunk_bytes=chunk_bytes)
+    elif algo == "ps":
+        from commlayer.topologies.ps import ps_allreduce
+
+        ps_allreduce(comm, flat, op)
     else:
         recursive_doubling_allreduce(comm, flat, op)
     return algo
