@@ -142,26 +142,26 @@ def test_per_call_timeout_names_op_peer_and_group() -> None:
     assert 1.5 < took < 8, took
 
 
-def _shutdown_worker(rank: int, world: int) -> dict:
+def _shutdown_worker(rank: int, world: int, ports: list[int]) -> dict:
     def census() -> tuple[int, int]:
         return len(os.listdir("/proc/self/fd")), threading.active_count()
 
     counts = []
-    for _ in range(3):  # init/destroy three times: nothing accumulates
+    for port in ports:  # init/destroy three times: nothing accumulates
+        os.environ["MASTER_PORT"] = str(port)
         dist.init_process_group("zmq", rank=rank, world_size=world, timeout=timedelta(seconds=30))
         t = torch.ones(100_000)
         dist.all_reduce(t)
         w = dist.all_reduce(t, async_op=True)
         w.wait()
         dist.destroy_process_group()
-        os.environ["MASTER_PORT"] = str(int(os.environ["MASTER_PORT"]) + 1)
         counts.append(census())
     names = [t.name for t in threading.enumerate() if t.name.startswith("commlayer")]
     return {"counts": counts, "threads": names}
 
 
 def test_destroy_closes_sockets_and_threads() -> None:
-    for r in run_world(_shutdown_worker, 2, timeout=90):
+    for r in run_world(_shutdown_worker, 2, [free_port() for _ in range(3)], timeout=90):
         assert r["threads"] == [], r
         # The first cycle may leave one-time state (torch's and pyzmq's helpers); later cycles must not add any.
         assert r["counts"][2] == r["counts"][0], f"file descriptors or threads grow per init/destroy: {r}"

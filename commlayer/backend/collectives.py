@@ -11,6 +11,7 @@ import torch
 
 from commlayer.backend.tensors import Flat, bounds_of, check_cpu, translate_op
 from commlayer.topologies import linear, tree
+from commlayer.topologies.codec_allreduce import codec_allreduce
 from commlayer.topologies.comm import OpComm, frame_tensor, tensor_bytes, wire_dtype
 from commlayer.topologies.dense import allreduce as dense_allreduce
 from commlayer.topologies.reduce_ops import ReduceOp, check_op, finalize_
@@ -28,11 +29,27 @@ def _reduce_inplace(pg: "ProcessGroupZMQ", name: str, tensors: Sequence[torch.Te
     op, factor = translate_op(opts.reduceOp)
     flat = Flat(tensors)
     check_op(op, flat.buf.dtype)
+    comp = pg.compression
+    if comp is not None and comp.applies(op, flat.buf, factor):
+        ctx = comp.context(flat.buf)  # numbered now, in issue order
+
+        def lossy(comm: OpComm) -> None:
+            algo = pg.options.algo if pg.options.algo in ("ring", "tree") else "auto"
+            codec_allreduce(comm, flat.buf, comp.codec, ctx, algo=algo, average=op == ReduceOp.AVG,
+                            order=pg.options.ring_order, chunk_bytes=pg.options.chunk_bytes)
+            flat.commit()
+
+        return pg.run(name, list(tensors), lossy, opts)
+
+    adaptive = pg.adaptive
 
     def fn(comm: OpComm) -> None:
         if factor is not None:
             flat.buf.mul_(factor)
-        dense_allreduce(comm, flat.buf, op, pg.options.algo, pg.options.ring_order, pg.options.chunk_bytes)
+        if adaptive is not None:
+            adaptive.run(comm, flat.buf, op)
+        else:
+            dense_allreduce(comm, flat.buf, op, pg.options.algo, pg.options.ring_order, pg.options.chunk_bytes)
         finalize_(flat.buf, op, comm.size)
         flat.commit()
 

@@ -17,6 +17,9 @@ from typing import Any, Callable
 import torch
 import torch.distributed as dist
 
+from commlayer.backend import adaptive
+from commlayer.backend.adaptive import AdaptiveAllreduce
+from commlayer.backend.compression import BackendCompression
 from commlayer.backend.executor import Executor
 from commlayer.backend.options import ZmqOptions
 from commlayer.backend.work import ZmqWork, completed_work
@@ -59,6 +62,8 @@ class ProcessGroupZMQ(dist.ProcessGroup):
         self._error: BaseException | None = None
         self._shutdown = False
         self._exec = Executor(group.channel)
+        self.compression = BackendCompression(options.codec, options.codec_min_bytes) if options.codec else None
+        self.adaptive = AdaptiveAllreduce(self.transport, group.ranks, group.channel, self.timeout) if adaptive.wanted(options, group.size) else None
         self.transport.add_failure_listener(self._on_peer_failure)
         _live.add(self)
 
@@ -138,12 +143,14 @@ class ProcessGroupZMQ(dist.ProcessGroup):
         self._shutdown = True
         self.transport.remove_failure_listener(self._on_peer_failure)
         self._exec.stop()
+        if self.adaptive is not None:
+            self.adaptive.close()
         if self._owns_transport:
             global _world_transport
             with _world_lock:
                 if _world_transport is self.transport:
                     _world_transport = None
-            self.transport.close()
+            self.transport.close(reason=str(self._error) if self._error is not None else "")
         else:
             self.transport.mailbox.drop_channel(self.group.channel)
 

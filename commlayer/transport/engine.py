@@ -406,7 +406,9 @@ class Transport:
                 self._peer_down(header.src, f"protocol error: {exc}")
         elif header.kind == Kind.BYE:
             p.state = "left"
-            self.mailbox.peer_failed(header.src, "it shut down its process group (destroy_process_group or exit) before sending")
+            why = header.meta.get("reason")
+            self.mailbox.peer_failed(header.src, "it shut down its process group (destroy_process_group or exit) before sending"
+                                     + (f", after: {why}" if isinstance(why, str) and why else ""))
             for cb in list(self._listeners):
                 cb(header.src, "left")
         elif header.kind == Kind.PING:
@@ -461,8 +463,13 @@ class Transport:
                 logger.exception("failure listener raised")
 
     # ---- shutdown -----------------------------------------------------------------------------
-    def close(self) -> None:
-        """Says goodbye to every peer, flushes (up to ``linger`` s), and frees sockets and threads."""
+    def close(self, reason: str = "") -> None:
+        """Says goodbye to every peer, flushes (up to ``linger`` s), and frees sockets and threads.
+
+        Args:
+            reason: why this rank leaves (e.g. the failure that broke its group); peers still
+                waiting for it put it in their error, so the root cause travels to every rank.
+        """
         with self._close_lock:
             if self._closed:
                 return
@@ -471,7 +478,8 @@ class Transport:
             if p.state in ("connecting", "connected"):
                 try:
                     with p.lock:
-                        p.sock.send(Header(Kind.BYE, "bye", _HELLO, 0, 0, 0, self.rank).pack(), zmq.NOBLOCK)
+                        p.sock.send(Header(Kind.BYE, "bye", _HELLO, 0, 0, 0, self.rank,
+                                           meta={"reason": reason[:1000]} if reason else {}).pack(), zmq.NOBLOCK)
                 except zmq.ZMQError:
                     pass
         self._closing.set()

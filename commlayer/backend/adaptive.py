@@ -1,0 +1,62 @@
+"""The link-aware controller in the backend: ``COMMLAYER_ALGO=auto`` on groups of 3+ ranks.
+
+At group creation every rank probes its links (``commlayer.adapt``); each exact all-reduce then
+runs the plan the cost model picks for its size (algorithm, chunk, ring order), tagged with the
+plan version so ranks on different plans fail loudly instead of summing garbage. Every
+``REPLAN_EVERY`` all-reduces the ranks compare measured against predicted times and re-probe on
+drift. ``COMMLAYER_ADAPT=0`` turns it off (static size threshold instead).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from typing import Any
+
+import torch
+
+from commlayer.topologies.comm import OpComm
+from commlayer.topologies.dense import ALGORITHMS, allreduce as dense_allreduce
+from commlayer.topologies.reduce_ops import ReduceOp
+
+logger = logging.getLogger(__name__)
+
+REPLAN_EVERY = 16
+
+
+def wanted(options: Any, size: int) -> bool:
+    return options.algo == "auto" and size >= 3 and os.environ.get("COMMLAYER_ADAPT", "1") not in ("0", "false", "no")
+
+
+class AdaptiveAllreduce:
+    """Owns a :class:`commlayer.adapt.planner.Planner` for one process group."""
+
+    def __init__(self, transport: Any, ranks: list[int], channel: str, timeout: float) -> None:
+        from commlayer.adapt.planner import Planner, PlannerConfig
+        from commlayer.adapt.policy import Policy
+        from commlayer.adapt.probe import ProbeConfig
+
+        cfg = PlannerConfig(policy=Policy(mode="exact"), channel=f"__adapt__/{channel}", timeout=timeout,
+                            probe=ProbeConfig(channel=f"__adapt_probe__/{channel}", timeout=timeout),
+                            metrics_path=os.environ.get("COMMLAYER_METRICS", ""))
+        self.planner = Planner(transport, ranks, cfg)
+        self.planner.start()  # collective: every member runs it while creating the group
+        self._calls = 0
+
+    def run(self, comm: OpComm, flat: torch.Tensor, op: ReduceOp) -> None:
+        """Runs on the executor, so plans and re-plans happen in the same order on every rank."""
+        nbytes = flat.numel() * flat.element_size()
+        plan = self.planner.plan(nbytes, flat.dtype, exact=True)
+        comm.op = f"{comm.op}[{plan.tag}]"  # a rank on another plan version raises "collective mismatch"
+        algo = plan.algo if plan.algo in ALGORITHMS else "auto"
+        t0 = time.perf_counter()
+        dense_allreduce(comm, flat, op, algo, plan.ring_order, plan.chunk_bytes)
+        self.planner.observe(plan, nbytes, time.perf_counter() - t0)
+        self._calls += 1
+        if self._calls % REPLAN_EVERY == 0:
+            if self.planner.maybe_replan(self._calls // REPLAN_EVERY):
+                logger.info("re-planned after %d all-reduces: %s", self._calls, self.planner.replans[-1:] or "")
+
+    def close(self) -> None:
+        self.planner.close()
