@@ -1,7 +1,7 @@
 """Kill injection, soak and timeouts: CI-sized versions of ``benchmarks/reliability.py``.
 
 Real processes (from a forkserver that has imported torch) over real loopback sockets. The
-strict xfails show bugs in the backend (see docs/reliability.md); drop the marker once fixed.
+the bugs these tests found (docs/reliability.md) are fixed; the tests guard the fixes.
 """
 
 from __future__ import annotations
@@ -63,16 +63,12 @@ def test_collective_times_out_when_a_rank_stops_participating(timeouts: dict, ki
     assert "CommTimeout" in row["example"] and "group" in row["example"], row
 
 
-@pytest.mark.xfail(strict=True, reason="ZmqWork.wait(timeout) waits timeout + 5 s (work.py), so a per-call timeout of "
-                                       "1 s returns after 6 s, and dist.recv after the group timeout + 5 s")
 @pytest.mark.parametrize("kind", sorted(R._PER_CALL - {"barrier_per_call"}) + ["recv"])
 def test_per_call_wait_honours_its_timeout(timeouts: dict, kind: str) -> None:
     row = timeouts["kinds"][kind]
     assert row["ok"], row
 
 
-@pytest.mark.xfail(strict=True, reason="a receive whose wait timed out stays posted in the mailbox: it swallows the next "
-                                       "message with its tag (writing into the abandoned tensor)")
 def test_timed_out_receive_does_not_swallow_the_next_message(timeouts: dict) -> None:
     assert timeouts["late_recv_got"] == 42.0, timeouts["late_recv_got"]
 

@@ -1,6 +1,7 @@
-"""The link-aware controller in the backend: ``COMMLAYER_ALGO=auto`` on groups of 3+ ranks.
+"""The link-aware controller in the backend: ``COMMLAYER_ALGO=auto`` on a default group of 3+ ranks.
 
-At group creation every rank probes its links (``commlayer.adapt``); each exact all-reduce then
+At default-group creation every rank probes its links (subgroups keep the static size rule, so
+``new_group`` stays cheap) (``commlayer.adapt``); each exact all-reduce then
 runs the plan the cost model picks for its size (algorithm, chunk, ring order), tagged with the
 plan version so ranks on different plans fail loudly instead of summing garbage. Every
 ``REPLAN_EVERY`` all-reduces the ranks compare measured against predicted times and re-probe on
@@ -37,6 +38,7 @@ class AdaptiveAllreduce:
         from commlayer.adapt.policy import Policy
         from commlayer.adapt.probe import ProbeConfig
 
+        timeout = max(timeout, 30.0)  # probing moves real data: never tighter than 30 s
         cfg = PlannerConfig(policy=Policy(mode="exact"), channel=f"__adapt__/{channel}", timeout=timeout,
                             probe=ProbeConfig(channel=f"__adapt_probe__/{channel}", timeout=timeout),
                             metrics_path=os.environ.get("COMMLAYER_METRICS", ""))

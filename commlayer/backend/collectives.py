@@ -291,6 +291,7 @@ def _post_recv(self: "ProcessGroupZMQ", tensors: list[torch.Tensor], src: int | 
         work.set_done()
 
     self.transport.mailbox.post_p2p(self.group.channel, int(tag), None if src is None else self.group.ranks[src], on_message)
+    work.on_timeout = lambda: self.transport.mailbox.cancel_p2p(self.group.channel, int(tag), on_message)
     return work
 
 

@@ -27,7 +27,7 @@ from commlayer.topologies.comm import Group, OpComm
 from commlayer.transport.config import TransportConfig
 from commlayer.transport.endpoints import exchange_endpoints
 from commlayer.transport.engine import Transport
-from commlayer.transport.errors import CommError, PeerFailure, TransportClosed
+from commlayer.transport.errors import CommError, PeerFailure, TransportClosed, rewrap
 
 logger = logging.getLogger(__name__)
 
@@ -50,7 +50,7 @@ class ProcessGroupZMQ(dist.ProcessGroup):
     allgather_into_tensor_coalesced = all_gather_single_coalesced
     reduce_scatter_tensor_coalesced = reduce_scatter_single_coalesced
 
-    def __init__(self, group: Group, owns_transport: bool, options: ZmqOptions, name: str) -> None:
+    def __init__(self, group: Group, owns_transport: bool, options: ZmqOptions, name: str, default_group: bool = False) -> None:
         super().__init__(group.rank, group.size)
         self.group = group
         self.transport = group.transport
@@ -63,7 +63,7 @@ class ProcessGroupZMQ(dist.ProcessGroup):
         self._shutdown = False
         self._exec = Executor(group.channel)
         self.compression = BackendCompression(options.codec, options.codec_min_bytes) if options.codec else None
-        self.adaptive = AdaptiveAllreduce(self.transport, group.ranks, group.channel, self.timeout) if adaptive.wanted(options, group.size) else None
+        self.adaptive = AdaptiveAllreduce(self.transport, group.ranks, group.channel, self.timeout) if default_group and adaptive.wanted(options, group.size) else None
         self.transport.add_failure_listener(self._on_peer_failure)
         _live.add(self)
 
@@ -120,7 +120,7 @@ class ProcessGroupZMQ(dist.ProcessGroup):
 
         def job() -> None:
             if self._error is not None:
-                raise type(self._error)(f"group {self.group_label!r} is unusable after an earlier failure: {self._error}")
+                raise rewrap(self._error, f"group {self.group_label!r} is unusable after an earlier failure: {self._error}")
             try:
                 fn(comm)
             except CommError as exc:
@@ -193,7 +193,7 @@ def create_process_group(opts: Any, backend_options: Any) -> ProcessGroupZMQ:
             transport = _make_transport(opts.store, rank, size, timeout, name)
             ranks, owns = list(range(size)), True
     group = Group(transport, ranks, channel=name, timeout=timeout)
-    return ProcessGroupZMQ(group, owns, options, name)
+    return ProcessGroupZMQ(group, owns, options, name, default_group=not global_ranks)
 
 
 @atexit.register

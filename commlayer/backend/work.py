@@ -9,7 +9,9 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from commlayer.transport.errors import CommError, CommTimeout
+from typing import Callable
+
+from commlayer.transport.errors import CommError, CommTimeout, rewrap
 
 
 def _unwrap(fut: torch.futures.Future) -> Any:
@@ -37,6 +39,9 @@ class ZmqWork(dist._Work):
         self._fut = self._raw.then(_unwrap)
         self._source: int = -1
         self._lock = threading.Lock()
+        # Set for operations without a deadline of their own (point-to-point receives): called when a
+        # wait gives up, it withdraws the operation (returns False if it completed meanwhile).
+        self.on_timeout: Callable[[], bool] | None = None
 
     # ---- completion (called by the executor or the I/O thread) ------------------------------
     def set_done(self, outputs: list[torch.Tensor] | None = None) -> None:
@@ -50,10 +55,7 @@ class ZmqWork(dist._Work):
 
     def set_error(self, error: BaseException) -> None:
         if not str(error).startswith(self._what):
-            try:
-                error = type(error)(f"{self._what}: {error}")
-            except Exception:  # exception types with other constructors keep their message
-                pass
+            error = rewrap(error, f"{self._what}: {error}")
         with self._lock:
             if self._event.is_set():
                 return
@@ -63,12 +65,21 @@ class ZmqWork(dist._Work):
 
     # ---- torch API ------------------------------------------------------------------------
     def wait(self, timeout: timedelta | None = None) -> bool:
-        secs = self._timeout
-        if timeout is not None and timeout.total_seconds() > 0:
-            secs = timeout.total_seconds()
-        # Operations bound their own waits by the group timeout; the margin covers their cleanup.
-        if not self._event.wait(secs + 5.0):
-            raise CommTimeout(f"{self._what}: not complete after {secs:.1f} s")
+        """Waits for completion: ``timeout`` if given (> 0), else the group timeout.
+
+        Raises:
+            CommTimeout: not complete in time (a receive is then withdrawn, so it cannot swallow a
+                later message); or the operation's own error.
+        """
+        explicit = timeout is not None and timeout.total_seconds() > 0
+        secs = timeout.total_seconds() if explicit else self._timeout
+        # Collectives bound their own waits by the group timeout; without an explicit timeout a small
+        # margin lets them report their own, more precise error first.
+        margin = 0.0 if explicit or self.on_timeout is not None else 5.0
+        if not self._event.wait(secs + margin):
+            if self.on_timeout is None or self.on_timeout():
+                raise CommTimeout(f"{self._what}: not complete after {secs:.1f} s")
+            self._event.wait(1.0)  # it completed while being withdrawn
         if self._error is not None:
             raise self._error
         return True

@@ -98,7 +98,27 @@ def choose_host() -> str:
 
 def ipc_path(rank: int) -> str:
     base = os.environ.get("COMMLAYER_IPC_DIR", "/tmp")
+    _remove_stale_ipc(base)
     return os.path.join(base, f"commlayer-{os.getpid()}-{rank}-{uuid.uuid4().hex[:8]}.sock")
+
+
+def _remove_stale_ipc(base: str) -> None:
+    """Deletes socket files left by killed commlayer processes (their pid no longer exists)."""
+    try:
+        names = [n for n in os.listdir(base) if n.startswith("commlayer-") and n.endswith(".sock")]
+    except OSError:
+        return
+    for n in names[:1000]:
+        try:
+            pid = int(n.split("-")[1])
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            try:
+                os.unlink(os.path.join(base, n))
+            except OSError:
+                pass
+        except (ValueError, IndexError, PermissionError):
+            continue
 
 
 def connect_overrides() -> dict[int, str]:

@@ -390,9 +390,11 @@ class Transport:
                 uid = user_id(frames[1])
                 if uid.encode() != self.curve.by_rank[header.src]:
                     raise WireError(f"message claims src={header.src} but its connection authenticated as another key ({uid[:8]}...)")
-        except WireError as exc:
+        except Exception as exc:  # anything a hostile frame provokes is a rejection, never a crash
             self.rejected += 1
-            logger.error("rank %d rejected a message from connection %r: %s", self.rank, ident, exc)
+            if self.rejected <= 10 or self.rejected % 1000 == 0:  # rate-limited: a flood must not flood the log
+                logger.error("rank %d rejected a message from connection %r (%d so far): %s", self.rank, ident[:32],
+                             self.rejected, exc if isinstance(exc, WireError) else f"{type(exc).__name__}: {exc}")
             return
         p = self._peers[header.src]
         p.msgs_recv += 1

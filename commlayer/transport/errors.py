@@ -25,3 +25,14 @@ class WireError(CommError, ValueError):
 
 class TransportClosed(CommError):
     """The transport (or the process group over it) was shut down."""
+
+
+def rewrap(error: BaseException, message: str) -> BaseException:
+    """The same kind of error with ``message``, keeping its attributes (e.g. ``PeerFailure.peer``)."""
+    try:
+        new = type(error)(message)
+    except Exception:  # an exception type with another constructor keeps its own message
+        return error
+    new.__dict__.update(error.__dict__)
+    new.__cause__ = error.__cause__
+    return new

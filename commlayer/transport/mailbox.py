@@ -181,6 +181,17 @@ class Mailbox:
                     return
         callback(msg, err)
 
+    def cancel_p2p(self, channel: str, tag: int, callback: Callable[[Message | None, BaseException | None], None]) -> bool:
+        """Withdraws a posted receive; False if it was already matched (or failed)."""
+        with self._lock:
+            posted = self._posted.get((channel, tag))
+            if posted:
+                for p in posted:
+                    if p.callback is callback:
+                        posted.remove(p)
+                        return True
+        return False
+
     # ---- failures --------------------------------------------------------------------------
     def _failure_for(self, channel: str, src: int | None) -> BaseException | None:
         if self._closed is not None:

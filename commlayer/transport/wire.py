@@ -8,6 +8,7 @@ interprets them (no pickle anywhere).
 from __future__ import annotations
 
 import math
+import reprlib
 from dataclasses import dataclass, field
 from enum import IntEnum
 from typing import Any, Sequence
@@ -99,9 +100,13 @@ _UNPACK_LIMITS = dict(
 )
 
 
+_REPR = reprlib.Repr()
+_REPR.maxlevel, _REPR.maxstring, _REPR.maxother, _REPR.maxlist = 2, 60, 60, 8
+
+
 def _expect(cond: bool, what: str, got: Any) -> None:
-    if not cond:
-        raise WireError(f"malformed header: expected {what}, got {got!r}")
+    if not cond:  # bounded repr: hostile values may be huge or nested 1000 levels deep
+        raise WireError(f"malformed header: expected {what}, got {_REPR.repr(got)}")
 
 
 def _is_int(x: Any) -> bool:
@@ -112,8 +117,17 @@ def unpack_header(data: bytes | memoryview) -> Header:
     """Parses and validates a header frame.
 
     Raises:
-        WireError: if the frame is not a valid commlayer header of this wire version.
+        WireError: if the frame is not a valid commlayer header of this wire version (and nothing else).
     """
+    try:
+        return _unpack_header(data)
+    except WireError:
+        raise
+    except (RecursionError, ValueError, TypeError, OverflowError, MemoryError) as exc:
+        raise WireError(f"malformed header: {type(exc).__name__}") from None
+
+
+def _unpack_header(data: bytes | memoryview) -> Header:
     if len(data) > MAX_HEADER_BYTES:
         raise WireError(f"malformed header: expected at most {MAX_HEADER_BYTES} bytes, got {len(data)}")
     try:
