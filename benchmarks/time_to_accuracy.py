@@ -25,7 +25,8 @@ from commlayer.demo.report import format_table, plot, summarize
 from commlayer.demo.runner import pick_mode, run_world
 
 DENSE = "gloo:dense"
-OTHERS = ["gloo:torch-powersgd:2", "zmq:hook:powersgd:rank=2+ef", "zmq:local:16", "zmq:diloco:16", "zmq:diloco:32"]
+OTHERS = ["gloo:torch-powersgd:2", "zmq:hook:powersgd:rank=2+ef", "zmq:local:16", "zmq:diloco:16", "zmq:diloco:16@int8+ef",
+          "zmq:diloco:32"]
 
 
 def _run(profile: str, mode: str, configs: list[str], repeats: int, args: argparse.Namespace) -> list[dict[str, Any]]:

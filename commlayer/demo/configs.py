@@ -7,6 +7,8 @@ A configuration string is ``BACKEND:METHOD[:ARG]``:
 * ``gloo:hook:SPEC`` / ``zmq:hook:SPEC``: DDP with commlayer's codec hook (any codec spec).
 * ``gloo:local:H`` / ``zmq:local:H``: local SGD, parameters averaged every ``H`` steps.
 * ``gloo:diloco:H`` / ``zmq:diloco:H``: DiLoCo (outer Nesterov, lr 0.7, momentum 0.9) every ``H`` steps.
+* ``zmq:local:H@SPEC`` / ``zmq:diloco:H@SPEC``: the same, with the synchronisation all-reduce
+  compressed by the zmq backend's codec ``SPEC`` (``COMMLAYER_CODEC`` semantics, e.g. ``int8+ef``).
 """
 
 from __future__ import annotations
@@ -32,7 +34,12 @@ class RunConfig:
     @property
     def period(self) -> int:
         """Steps between synchronizations (1 for DDP methods)."""
-        return int(self.arg) if self.method in ("local", "diloco") else 1
+        return int(self.arg.split("@", 1)[0]) if self.method in ("local", "diloco") else 1
+
+    @property
+    def codec(self) -> str:
+        """The backend codec of the synchronisation all-reduce ("" = exact)."""
+        return self.arg.split("@", 1)[1] if self.method in ("local", "diloco") and "@" in self.arg else ""
 
     def label(self) -> str:
         """Human-readable description for tables."""
@@ -43,7 +50,8 @@ class RunConfig:
             return f"{b} + torch PowerSGD hook (rank {self.arg})"
         if self.method == "hook":
             return f"{b} + commlayer hook {self.arg}"
-        return f"{b} + {'local SGD' if self.method == 'local' else 'DiLoCo'} H={self.arg}"
+        codec = f", sync via {self.codec}" if self.codec else ""
+        return f"{b} + {'local SGD' if self.method == 'local' else 'DiLoCo'} H={self.period}{codec}"
 
 
 def parse_config(text: str) -> RunConfig:
@@ -58,8 +66,14 @@ def parse_config(text: str) -> RunConfig:
         arg = arg or "2"
         if backend != "gloo" and backend != "zmq":
             raise ValueError(f"config {text!r}: unknown backend")
+    if method in ("local", "diloco") and "@" in arg:
+        if backend != "zmq":
+            raise ValueError(f"config {text!r}: a sync codec ('@SPEC') needs the zmq backend")
+        from commlayer.codecs import from_spec
+
+        from_spec(arg.split("@", 1)[1])  # raises a SpecError naming the bad token
     if method in ("torch-powersgd", "local", "diloco"):
-        if not arg.isdigit() or int(arg) < 1:
+        if not arg.split("@", 1)[0].isdigit() or int(arg.split("@", 1)[0]) < 1:
             raise ValueError(f"config {text!r}: expected a positive integer after '{method}:', got {arg!r}")
     if method == "hook" and not arg:
         raise ValueError(f"config {text!r}: expected a codec spec after 'hook:', e.g. 'zmq:hook:topk:ratio=0.01+ef'")

@@ -40,6 +40,11 @@ def emit(event: str, payload: dict[str, Any]) -> None:
 def _build(cfg: RunConfig, task: TaskConfig, groups: dict[str, Any]) -> tuple[nn.Module, nn.Module, Any, Any]:
     """(model to step, model to evaluate, averager or None, hook state or None)."""
     group = groups[cfg.backend]
+    if cfg.codec:  # every rank builds configurations in the same order, so new_group lines up
+        key = f"zmq@{cfg.codec}"
+        if key not in groups:
+            groups[key] = dist.new_group(pg_options={"codec": cfg.codec, "codec_min_bytes": 4096}, timeout=timedelta(seconds=600))
+        group = groups[key]
     model = make_model(task)
     if cfg.method in ("local", "diloco"):
         from commlayer.sync import diloco, local_sgd
