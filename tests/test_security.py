@@ -213,6 +213,9 @@ def _mismatch_worker(rank: int, world: int) -> str:
         return "no error"
     except Exception as exc:
         return f"{time.monotonic() - t0:.1f}s {type(exc).__name__}: {exc}"
+    finally:
+        if rank == 0:  # rank 0 hosts torch's TCPStore: let the other rank reach its own error first
+            time.sleep(3)
 
 
 def test_mismatched_secrets_fail_fast_with_clear_error() -> None:

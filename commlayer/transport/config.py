@@ -42,6 +42,8 @@ class TransportConfig:
         copy_threshold: frames below this many bytes are copied, larger ones sent zero-copy.
         hwm: ZeroMQ high-water mark (messages queued per peer before send blocks).
         sockbuf: kernel socket buffer size in bytes (0 = the OS default). ``COMMLAYER_SOCKBUF``.
+        shm_bytes: shared-memory ring per co-located peer (0 = off). ``COMMLAYER_SHM_BYTES``, ``COMMLAYER_SHM=0``.
+        shm_min: payloads of at least this many bytes to a co-located peer go through shared memory.
     """
 
     port: int = 0
@@ -54,6 +56,8 @@ class TransportConfig:
     copy_threshold: int = 64 * 1024
     hwm: int = 100_000
     sockbuf: int = 0
+    shm_bytes: int = 32 << 20
+    shm_min: int = 64 * 1024
 
     def __post_init__(self) -> None:
         if not 0 <= self.port < 65536:
@@ -75,4 +79,5 @@ class TransportConfig:
             mailbox_bytes=_env_int("COMMLAYER_MAILBOX_BYTES", 4 << 30),
             mailbox_messages=_env_int("COMMLAYER_MAILBOX_MESSAGES", 1 << 20),
             sockbuf=_env_int("COMMLAYER_SOCKBUF", 0),
+            shm_bytes=_env_int("COMMLAYER_SHM_BYTES", 32 << 20) if os.environ.get("COMMLAYER_SHM", "1") not in ("0", "false", "no") else 0,
         )

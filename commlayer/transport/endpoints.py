@@ -98,14 +98,14 @@ def choose_host() -> str:
 
 def ipc_path(rank: int) -> str:
     base = os.environ.get("COMMLAYER_IPC_DIR", "/tmp")
-    _remove_stale_ipc(base)
+    remove_stale(base, ".sock")
     return os.path.join(base, f"commlayer-{os.getpid()}-{rank}-{uuid.uuid4().hex[:8]}.sock")
 
 
-def _remove_stale_ipc(base: str) -> None:
-    """Deletes socket files left by killed commlayer processes (their pid no longer exists)."""
+def remove_stale(base: str, suffix: str) -> None:
+    """Deletes ``commlayer-<pid>-...<suffix>`` files left by killed processes (their pid no longer exists)."""
     try:
-        names = [n for n in os.listdir(base) if n.startswith("commlayer-") and n.endswith(".sock")]
+        names = [n for n in os.listdir(base) if n.startswith("commlayer-") and n.endswith(suffix)]
     except OSError:
         return
     for n in names[:1000]:

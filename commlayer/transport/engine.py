@@ -14,7 +14,7 @@ import os
 import threading
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Sequence
 
 import zmq
@@ -24,6 +24,7 @@ from commlayer.transport.config import TransportConfig
 from commlayer.transport.endpoints import EndpointInfo, choose_host, connect_overrides, host_id, ipc_path
 from commlayer.transport.errors import CommError, CommTimeout, PeerFailure, TransportClosed, WireError
 from commlayer.transport.mailbox import Mailbox, Message, timeout_error
+from commlayer.transport import shm
 from commlayer.transport.security import CurveKeys, keys_from_env, secure_client, secure_server, start_authenticator, user_id
 from commlayer.transport.wire import Header, Kind, check_frames, unpack_header
 
@@ -42,6 +43,9 @@ class _Peer:
     lock: threading.Lock = field(default_factory=threading.Lock)
     state: str = "connecting"  # connecting | connected | left | dead
     suspect_since: float = 0.0  # when its connection dropped (0 = not suspected)
+    shm_ok: bool = False  # co-located: large payloads may go through shared memory
+    shm_out: Any = None  # shm.Producer towards the peer (made on the first large payload)
+    shm_in: Any = None  # shm.Consumer of the peer's ring towards us (opened on first use)
     bytes_sent: int = 0
     bytes_recv: int = 0
     msgs_sent: int = 0
@@ -177,6 +181,7 @@ class Transport:
                                               | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL)
             sock.connect(ep)
             self._peers[p] = _Peer(p, ep, sock, monitor)
+            self._peers[p].shm_ok = ep == info.ipc and bool(self.config.shm_bytes) and shm.available()
         ctrl_recv, self._ctrl_send = self._pair("ctrl")
         wake_recv, self._wake_send = self._pair("wake")
         self._io_thread = threading.Thread(target=self._io_loop, args=(ctrl_recv, wake_recv), name=f"commlayer-io-{self.rank}",
@@ -227,6 +232,18 @@ class Transport:
                               + ("shut down" if p.state == "left" else "failed"), peer=peer)
         if frames and not header.nbytes:
             header = _with_sizes(header, frames)
+        if p.shm_ok and frames and sum(header.nbytes) >= self.config.shm_min:
+            with p.lock:
+                if p.shm_out is None:
+                    try:
+                        p.shm_out = shm.Producer(shm.ring_path(os.getpid(), self.nonce, self.rank, peer), self.config.shm_bytes)
+                    except OSError as exc:  # e.g. no room in /dev/shm: the socket carries everything
+                        logger.info("rank %d: no shared-memory ring to rank %d (%s)", self.rank, peer, exc)
+                        p.shm_ok = False
+                starts = p.shm_out.put(list(frames)) if p.shm_out is not None else None
+            if starts is not None:  # copied: only the descriptor crosses the socket
+                header = replace(header, meta={**header.meta, "shm": starts})
+                frames = ()
         hdr = header.pack()
         t0 = time.monotonic()
         trackers: list[zmq.MessageTracker] = []
@@ -383,6 +400,8 @@ class Transport:
                 raise WireError("expected an envelope and a header frame, got only the envelope")
             header = unpack_header(frames[1].buffer)
             payload = frames[2:]
+            if "shm" in header.meta:
+                payload = self._shm_payload(header, payload)
             check_frames(header, payload)
             if not (0 <= header.src < self.world_size) or ident != f"r{header.src}".encode() or header.src == self.rank:
                 raise WireError(f"header claims src={header.src} but the connection identifies as {ident!r}")
@@ -420,6 +439,25 @@ class Transport:
                 pass
         else:  # PONG: delivered like data for whoever probes
             self.mailbox.deliver(Message(header, payload))
+
+    def _shm_payload(self, header: Header, frames: list[Any]) -> list[Any]:
+        starts = header.meta["shm"]
+        if frames or not isinstance(starts, list) or len(starts) != len(header.nbytes) or not all(
+                isinstance(x, int) and not isinstance(x, bool) for x in starts):
+            raise WireError("malformed shared-memory descriptor")
+        p = self._peers.get(header.src)
+        info = self.peer_info.get(header.src)
+        if p is None or info is None or self.endpoint is None or info.host_id != self.endpoint.host_id:
+            raise WireError(f"rank {header.src} is not on this machine but sent a shared-memory descriptor")
+        if p.shm_in is None:
+            try:
+                p.shm_in = shm.Consumer(shm.ring_path(info.pid, info.nonce, header.src, self.rank))
+            except OSError as exc:
+                raise WireError(f"cannot open rank {header.src}'s shared-memory ring: {exc}") from None
+        try:
+            return p.shm_in.views(starts, list(header.nbytes))
+        except ValueError as exc:
+            raise WireError(str(exc)) from None
 
     def _handle_monitor(self, sock: zmq.Socket, p: _Peer) -> None:
         while True:
@@ -511,6 +549,11 @@ class Transport:
         finally:
             if got_rx:
                 self._rx_lock.release()
+        for p in self._peers.values():
+            if p.shm_out is not None:
+                p.shm_out.close()
+            if p.shm_in is not None:
+                p.shm_in.closed = True
         if self._ipc_file:
             try:
                 os.unlink(self._ipc_file)
@@ -523,7 +566,5 @@ class Transport:
 
 
 def _with_sizes(header: Header, frames: Sequence[Any]) -> Header:
-    from dataclasses import replace
-
     return replace(header, nbytes=tuple(f.nbytes if isinstance(f, memoryview) else len(f) if isinstance(f, (bytes, bytearray))
                                         else memoryview(f).nbytes for f in frames))
