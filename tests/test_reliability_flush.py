@@ -1,7 +1,7 @@
 """A collective that waits for its zero-copy sends to flush must fail when the receiver dies.
 
 Shows a bug in ``topologies/comm.py`` (``OpComm.finish`` waits the full group timeout on the
-send trackers of a dead peer); see docs/reliability.md. Strict xfail: drop it once fixed.
+send trackers of a dead peer); see docs/reliability.md. It guards the fix.
 """
 
 from __future__ import annotations
@@ -15,9 +15,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import reliability as R  # noqa: E402
 
 
-@pytest.mark.xfail(strict=True, reason="OpComm.finish waits tracker.wait(group timeout) on buffers queued to a dead "
-                                       "peer: ZeroMQ never releases them, so the op ends in CommTimeout after the "
-                                       "whole timeout instead of a PeerFailure at detection")
 def test_broadcast_to_dead_receiver_fails_at_detection() -> None:
     res = R.dead_receiver_of_large_send(nbytes=64 << 20, timeout=20.0)
     assert res["error"] is not None and res["error"].startswith("PeerFailure"), res

@@ -8,13 +8,14 @@ operations never mix, and sends/receives speak in group ranks and algorithm step
 from __future__ import annotations
 
 import threading
+import time
 from typing import Any, Sequence
 
 import torch
 import zmq
 
 from commlayer.transport.engine import Transport
-from commlayer.transport.errors import CommError, CommTimeout
+from commlayer.transport.errors import CommError, CommTimeout, rewrap
 from commlayer.transport.mailbox import Message
 from commlayer.transport.wire import Header, Kind
 
@@ -93,7 +94,7 @@ class OpComm:
         self.rank = group.rank
         self.size = group.size
         self._t = group.transport
-        self._trackers: list[zmq.MessageTracker] = []
+        self._trackers: list[tuple[int, zmq.MessageTracker]] = []
 
     def describe(self, step: int | None = None) -> str:
         s = f"{self.op} #{self.seq} in group {self.group.channel!r} (rank {self.rank} of {self.size})"
@@ -104,9 +105,10 @@ class OpComm:
         """Sends raw frames to group rank ``peer``."""
         h = Header(Kind.DATA, self.op, self.group.channel, self.seq, step, chunk, self.group.transport.rank, dtype,
                    tuple(shape), (), meta or {})
-        tr = self._t.send(self.group.ranks[peer], h, frames, track=track)
+        dst = self.group.ranks[peer]
+        tr = self._t.send(dst, h, frames, track=track)
         if tr:
-            self._trackers.extend(tr)
+            self._trackers.extend((dst, t) for t in tr)
 
     def send_tensor(self, peer: int, step: int, t: torch.Tensor, chunk: int = 0, copy: bool = False) -> None:
         """Sends a contiguous tensor. Unless ``copy``, large ones go zero-copy and :meth:`finish` waits
@@ -134,10 +136,25 @@ class OpComm:
         return frame_tensor(msg.frames[0], dtype) if numel else torch.empty(0, dtype=dtype)
 
     def finish(self) -> None:
-        """Waits until ZeroMQ no longer reads any zero-copy buffer this operation sent."""
-        for tr in self._trackers:
-            try:
-                tr.wait(self.timeout)
-            except zmq.NotDone:
-                raise CommTimeout(f"{self.describe()}: outgoing data not flushed within {self.timeout:.0f} s") from None
+        """Waits until ZeroMQ no longer reads any zero-copy buffer this operation sent.
+
+        Raises:
+            PeerFailure (or the group's abort error): the destination died, so its data never drains.
+            CommTimeout: not drained within the operation's timeout.
+        """
+        deadline = time.monotonic() + self.timeout
+        mb = self._t.mailbox
+        for dst, tr in self._trackers:
+            while not tr.done:
+                err = mb.failure_for(self.group.channel, dst)
+                if err is not None:
+                    self._trackers.clear()
+                    raise rewrap(err, f"{self.describe()}: data for rank {dst} cannot be delivered: {err}")
+                if time.monotonic() > deadline:
+                    self._trackers.clear()
+                    raise CommTimeout(f"{self.describe()}: data for rank {dst} not flushed within {self.timeout:.0f} s")
+                try:
+                    tr.wait(0.05)
+                except zmq.NotDone:
+                    pass
         self._trackers.clear()

@@ -19,7 +19,7 @@ from typing import Any
 from commlayer.cli._common import CliError, check_links, check_nproc
 
 #: commlayer's best configuration on wan-20mbit-50ms, chosen by benchmarks/time_to_accuracy.py.
-BEST = "zmq:diloco:16"
+BEST = "zmq:diloco:16@int8+ef"
 TARGET_LOSS = 0.5
 QUICK_TASK = {"in_dim": 32, "hidden": 64, "train": 2048, "eval": 512, "batch": 32, "separation": 0.6, "lr": 0.1}
 

@@ -359,7 +359,8 @@ class Transport:
         for sock in (ctrl, wake, *monitors):
             idle.register(sock, zmq.POLLIN)
         idle.register(self._router, zmq.POLLIN)
-        grace = 0.02  # the I/O thread reads the socket only after operations left it alone this long
+        grace = 0.005  # the I/O thread reads the socket only after operations left it alone this long (bounds the
+        # latency of threads that wait on the mailbox instead of reading, e.g. gossip and PS servers)
         try:
             while True:
                 events: dict = {}
@@ -553,7 +554,7 @@ class Transport:
             if p.shm_out is not None:
                 p.shm_out.close()
             if p.shm_in is not None:
-                p.shm_in.closed = True
+                p.shm_in.close()
         if self._ipc_file:
             try:
                 os.unlink(self._ipc_file)

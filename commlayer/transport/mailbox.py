@@ -228,6 +228,11 @@ class Mailbox:
         for cb in callbacks:
             cb(None, err)
 
+    def failure_for(self, channel: str, src: int | None) -> BaseException | None:
+        """The error a wait on ``src`` in ``channel`` would raise now, or None."""
+        with self._lock:
+            return self._failure_for(channel, src)
+
     def peer_is_dead(self, peer: int) -> bool:
         with self._lock:
             return peer in self._dead

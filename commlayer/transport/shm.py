@@ -57,6 +57,14 @@ class _Segment:
         self.tail = np.frombuffer(self.mm, dtype=np.int64, count=1, offset=0)
         self.data = np.frombuffer(self.mm, dtype=np.uint8, count=size, offset=HEADER)
 
+    def release(self) -> None:
+        """Unmaps now (and frees mmap's duplicate fd) unless views are still alive; then at their death."""
+        self.tail = self.data = None  # type: ignore[assignment]
+        try:
+            self.mm.close()
+        except BufferError:
+            pass
+
 
 class Producer:
     """The sending side of one ring (this rank -> one peer). Callers serialise with the peer's lock."""
@@ -94,6 +102,7 @@ class Producer:
             os.unlink(self.seg.path)
         except OSError:
             pass
+        self.seg.release()
 
 
 class Consumer:
@@ -131,3 +140,13 @@ class Consumer:
                 tail = self._pending.popleft()[1]
             if tail >= 0 and not self.closed:
                 self.seg.tail[0] = tail
+
+    def close(self) -> None:
+        """Stops releasing into the ring and unmaps it; removes the file (the producer may be dead)."""
+        with self._lock:
+            self.closed = True
+        try:
+            os.unlink(self.seg.path)
+        except OSError:
+            pass
+        self.seg.release()
