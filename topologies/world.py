@@ -21,9 +21,7 @@ from commlayer.topologies.base import Collective
 from commlayer.topologies.comm import Group
 from commlayer.topologies.linear import barrier as _barrier
 from commlayer.topologies.ring import DEFAULT_CHUNK_BYTES
-from commlayer.transport.config import TransportConfig
-from commlayer.transport.endpoints import exchange_endpoints
-from commlayer.transport.engine import Transport
+from commlayer.transport.bootstrap import connect_transport
 
 
 class World:
@@ -46,16 +44,7 @@ class World:
         self.rank, self.size, self.timeout, self.seed = rank, size, timeout, seed
         self.store = store if store is not None else TCPStore(master_addr, int(master_port), size, rank == 0,
                                                               timeout=timedelta(seconds=timeout))
-        t = Transport(rank, size, TransportConfig.from_env(timeout=timeout), name="world")
-        try:
-            info = t.listen()
-            peers = exchange_endpoints(self.store, rank, size, info, timeout, prefix="commlayer/world") if size > 1 else {rank: info}
-            t.connect(peers)
-            if size > 1:
-                t.handshake(timeout)
-        except BaseException:
-            t.close()
-            raise
+        t = connect_transport(self.store, rank, size, timeout, "world", prefix="commlayer/world")
         self.transport = t
         self.dead: set[int] = set()
         self._lock = threading.Lock()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import traceback
 from collections import deque
 from typing import Callable
 
@@ -83,6 +84,9 @@ def _run(job: Job, work: ZmqWork) -> None:
     try:
         job()
     except BaseException as exc:  # delivered to the waiter, never lost
+        # Keep the traceback's lines but drop its frames' locals: they may hold views of received
+        # buffers (shared-memory rings) that must be freed when the group shuts down.
+        traceback.clear_frames(exc.__traceback__)
         work.set_error(exc)
     else:
         work.set_done()

@@ -24,8 +24,7 @@ from commlayer.backend.executor import Executor
 from commlayer.backend.options import ZmqOptions
 from commlayer.backend.work import ZmqWork, completed_work
 from commlayer.topologies.comm import Group, OpComm
-from commlayer.transport.config import TransportConfig
-from commlayer.transport.endpoints import exchange_endpoints
+from commlayer.transport.bootstrap import connect_transport
 from commlayer.transport.engine import Transport
 from commlayer.transport.errors import CommError, PeerFailure, TransportClosed, rewrap
 
@@ -159,20 +158,6 @@ class ProcessGroupZMQ(dist.ProcessGroup):
         self.shutdown()
 
 
-def _make_transport(store: Any, rank: int, size: int, timeout: float, name: str) -> Transport:
-    t = Transport(rank, size, TransportConfig.from_env(timeout=timeout), name=name)
-    try:
-        info = t.listen()
-        peers = exchange_endpoints(store, rank, size, info, timeout) if size > 1 else {rank: info}
-        t.connect(peers)
-        if size > 1:
-            t.handshake(timeout)
-    except BaseException:
-        t.close()
-        raise
-    return t
-
-
 def create_process_group(opts: Any, backend_options: Any) -> ProcessGroupZMQ:
     """Backend creator registered with torch (``extended_api=True``)."""
     global _world_transport
@@ -184,13 +169,13 @@ def create_process_group(opts: Any, backend_options: Any) -> ProcessGroupZMQ:
     with _world_lock:
         world = _world_transport if _world_transport is not None and not _world_transport.closed else None
         if not global_ranks:  # the default group
-            transport = _make_transport(opts.store, rank, size, timeout, name)
+            transport = connect_transport(opts.store, rank, size, timeout, name)
             _world_transport = transport
             ranks, owns = list(range(size)), True
         elif world is not None and max(global_ranks) < world.world_size and world.rank == global_ranks[rank]:
             transport, ranks, owns = world, global_ranks, False
         else:
-            transport = _make_transport(opts.store, rank, size, timeout, name)
+            transport = connect_transport(opts.store, rank, size, timeout, name)
             ranks, owns = list(range(size)), True
     group = Group(transport, ranks, channel=name, timeout=timeout)
     return ProcessGroupZMQ(group, owns, options, name, default_group=not global_ranks)

@@ -115,24 +115,26 @@ class Mailbox:
         match.callback(msg, None)
 
     # ---- retrieval (operation threads) ---------------------------------------------------
+    def _pop(self, key: Key, what: str) -> Message | None:
+        """Caller holds the lock: the message if here, None if not yet; raises if it never will be."""
+        msg = self._box.pop(key, None)
+        if msg is not None:
+            self._bytes -= msg.nbytes
+            return msg
+        self._raise_if_failed(key[0], key[4], what)
+        return None
+
     def try_take(self, key: Key, what: str) -> Message | None:
         """Returns the message with ``key`` if it is here, None if not yet; raises if it never will be."""
         with self._lock:
-            msg = self._box.pop(key, None)
-            if msg is not None:
-                self._bytes -= msg.nbytes
-                return msg
-            self._raise_if_failed(key[0], key[4], what)
-            return None
+            return self._pop(key, what)
 
     def wait_for(self, key: Key, timeout: float, what: str) -> Message | None:
         """Waits up to ``timeout`` for someone else to deliver ``key``; None on expiry."""
         with self._lock:
-            msg = self._box.pop(key, None)
+            msg = self._pop(key, what)
             if msg is not None:
-                self._bytes -= msg.nbytes
                 return msg
-            self._raise_if_failed(key[0], key[4], what)
             waiter = _Waiter(key[4])
             self._waiters[key] = waiter
         waiter.event.wait(timeout)
@@ -262,6 +264,8 @@ class Mailbox:
                     posted.clear()
             for key in [k for k in self._box if match(k[0])]:
                 self._bytes -= self._box.pop(key).nbytes
+            for qkey in [k for k in self._p2p if match(k[0])]:
+                self._bytes -= sum(m.nbytes for m in self._p2p.pop(qkey))
         for cb in callbacks:
             cb(None, error)
 
