@@ -11,6 +11,7 @@ import threading
 import time
 from typing import Any, Sequence
 
+import numpy as np
 import torch
 import zmq
 
@@ -103,8 +104,9 @@ class OpComm:
     def send(self, peer: int, step: int, frames: Sequence[Any], chunk: int = 0, dtype: str = "", shape: Sequence[int] = (),
              meta: dict[str, Any] | None = None, track: bool = False) -> None:
         """Sends raw frames to group rank ``peer``."""
+        sizes = tuple(f.nbytes if isinstance(f, (memoryview, np.ndarray)) else len(f) for f in frames)
         h = Header(Kind.DATA, self.op, self.group.channel, self.seq, step, chunk, self.group.transport.rank, dtype,
-                   tuple(shape), (), meta or {})
+                   tuple(shape), sizes, meta or {})
         dst = self.group.ranks[peer]
         tr = self._t.send(dst, h, frames, track=track)
         if tr:

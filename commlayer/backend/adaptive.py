@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from commlayer.topologies.comm import OpComm
-from commlayer.topologies.dense import ALGORITHMS, allreduce as dense_allreduce
+from commlayer.topologies.dense import ALGORITHMS, SMALL_BYTES, allreduce as dense_allreduce
 from commlayer.topologies.reduce_ops import ReduceOp
 
 logger = logging.getLogger(__name__)
@@ -49,6 +49,9 @@ class AdaptiveAllreduce:
     def run(self, comm: OpComm, flat: torch.Tensor, op: ReduceOp) -> None:
         """Runs on the executor, so plans and re-plans happen in the same order on every rank."""
         nbytes = flat.numel() * flat.element_size()
+        if nbytes < SMALL_BYTES:  # latency-bound: recursive doubling, without the planner's per-op bookkeeping
+            dense_allreduce(comm, flat, op, "tree")
+            return
         plan = self.planner.plan(nbytes, flat.dtype, exact=True)
         comm.op = f"{comm.op}[{plan.tag}]"  # a rank on another plan version raises "collective mismatch"
         algo = plan.algo if plan.algo in ALGORITHMS else "auto"

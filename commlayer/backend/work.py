@@ -35,8 +35,9 @@ class ZmqWork(dist._Work):
         self._timeout = default_timeout
         self._event = threading.Event()
         self._error: BaseException | None = None
-        self._raw = torch.futures.Future()
-        self._fut = self._raw.then(_unwrap)
+        # Made on demand: synchronous calls never ask for a future, and making one costs ~10 us.
+        self._raw: torch.futures.Future | None = None
+        self._fut: torch.futures.Future | None = None
         self._source: int = -1
         self._lock = threading.Lock()
         # Set for operations without a deadline of their own (point-to-point receives): called when a
@@ -51,7 +52,9 @@ class ZmqWork(dist._Work):
             if outputs is not None:
                 self._outputs = outputs
             self._event.set()
-        self._raw.set_result(self._outputs)
+            raw = self._raw
+        if raw is not None:
+            raw.set_result(self._outputs)
 
     def set_error(self, error: BaseException) -> None:
         if not str(error).startswith(self._what):
@@ -61,7 +64,9 @@ class ZmqWork(dist._Work):
                 return
             self._error = error
             self._event.set()
-        self._raw.set_result(error)
+            raw = self._raw
+        if raw is not None:
+            raw.set_result(error)
 
     # ---- torch API ------------------------------------------------------------------------
     def wait(self, timeout: timedelta | None = None) -> bool:
@@ -85,6 +90,16 @@ class ZmqWork(dist._Work):
         return True
 
     def get_future(self) -> torch.futures.Future:
+        """Completes with the output tensors; fails (as C++ sees it too) if the operation fails."""
+        with self._lock:
+            if self._fut is None:
+                self._raw = torch.futures.Future()
+                self._fut = self._raw.then(_unwrap)
+                done = self._event.is_set()
+            else:
+                return self._fut
+        if done:  # completed before anyone asked: complete the new future now
+            self._raw.set_result(self._error if self._error is not None else self._outputs)
         return self._fut
 
     def is_completed(self) -> bool:
