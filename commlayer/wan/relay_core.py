@@ -169,7 +169,10 @@ class _Conn(asyncio.Protocol):
         elif chunk == _EOF:
             self.eof_out = True
             if self.transport.can_write_eof():
-                self.transport.write_eof()
+                try:
+                    self.transport.write_eof()
+                except OSError:  # the other side is already gone: nothing left to tell it
+                    pass
             self._maybe_close()
         else:
             self.transport.write(chunk)
