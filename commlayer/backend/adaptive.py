@@ -5,7 +5,8 @@ At default-group creation every rank probes its links (subgroups keep the static
 runs the plan the cost model picks for its size (algorithm, chunk, ring order), tagged with the
 plan version so ranks on different plans fail loudly instead of summing garbage. Every
 ``REPLAN_EVERY`` all-reduces the ranks compare measured against predicted times and re-probe on
-drift. ``COMMLAYER_ADAPT=0`` turns it off (static size threshold instead).
+drift. By default it runs when some peer is reached over the network; ``COMMLAYER_ADAPT=1`` forces it,
+``COMMLAYER_ADAPT=0`` turns it off (static size threshold instead).
 """
 
 from __future__ import annotations
@@ -26,8 +27,13 @@ logger = logging.getLogger(__name__)
 REPLAN_EVERY = 16
 
 
-def wanted(options: Any, size: int) -> bool:
-    return options.algo == "auto" and size >= 3 and os.environ.get("COMMLAYER_ADAPT", "1") not in ("0", "false", "no")
+def wanted(options: Any, size: int, transport: Any) -> bool:
+    """``COMMLAYER_ADAPT``: "auto" (default) = when some peer is reached over the network (peers on this
+    machine share memory: nothing to adapt to, and probing them only measures noise); "1" = always; "0" = never."""
+    mode = os.environ.get("COMMLAYER_ADAPT", "auto").lower()
+    if options.algo != "auto" or size < 3 or mode in ("0", "false", "no"):
+        return False
+    return mode in ("1", "true", "yes") or not transport.all_local
 
 
 class AdaptiveAllreduce:

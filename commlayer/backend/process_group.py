@@ -62,7 +62,7 @@ class ProcessGroupZMQ(dist.ProcessGroup):
         self._shutdown = False
         self._exec = Executor(group.channel)
         self.compression = BackendCompression(options.codec, options.codec_min_bytes) if options.codec else None
-        self.adaptive = AdaptiveAllreduce(self.transport, group.ranks, group.channel, self.timeout) if default_group and adaptive.wanted(options, group.size) else None
+        self.adaptive = AdaptiveAllreduce(self.transport, group.ranks, group.channel, self.timeout) if default_group and adaptive.wanted(options, group.size, self.transport) else None
         self.transport.add_failure_listener(self._on_peer_failure)
         _live.add(self)
 

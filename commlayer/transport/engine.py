@@ -331,6 +331,11 @@ class Transport:
                 return
             self._handle(frames)
 
+    @property
+    def all_local(self) -> bool:
+        """True when every peer is on this machine (reached over ipc://, with shared memory)."""
+        return all(p.endpoint.startswith("ipc://") for p in self._peers.values())
+
     def add_failure_listener(self, callback: Callable[[int, str], None]) -> None:
         """``callback(peer, reason)`` runs (on the I/O thread) when a peer fails."""
         self._listeners.append(callback)
