@@ -18,20 +18,19 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Sequence
 
 import zmq
-from zmq.utils.monitor import recv_monitor_message
 
 from commlayer.transport.config import TransportConfig
 from commlayer.transport.endpoints import EndpointInfo, choose_host, connect_overrides, host_id, ipc_path
-from commlayer.transport.errors import CommError, CommTimeout, PeerFailure, TransportClosed, WireError
-from commlayer.transport.mailbox import Mailbox, Message, timeout_error
+from commlayer.transport.errors import CommError, CommTimeout, PeerFailure, TransportClosed
+from commlayer.transport.mailbox import Mailbox, Message
+from commlayer.transport.receive import Receiver
 from commlayer.transport import shm
-from commlayer.transport.security import CurveKeys, keys_from_env, secure_client, secure_server, start_authenticator, user_id
-from commlayer.transport.wire import Header, Kind, check_frames, unpack_header
+from commlayer.transport.security import CurveKeys, keys_from_env, secure_client, secure_server, start_authenticator
+from commlayer.transport.wire import Header, Kind
 
 logger = logging.getLogger(__name__)
 
 _HELLO = "__hello__"
-DISCONNECT_GRACE = 0.25
 
 
 @dataclass
@@ -52,7 +51,7 @@ class _Peer:
     msgs_recv: int = 0
 
 
-class Transport:
+class Transport(Receiver):
     """Moves byte frames between the ranks of one job.
 
     Args:
@@ -268,69 +267,6 @@ class Transport:
             self.on_send(peer, sum(header.nbytes), time.monotonic() - t0)
         return trackers
 
-    def recv(self, channel: str, seq: int, step: int, chunk: int, src: int, timeout: float | None = None,
-             what: str = "") -> Message:
-        """Waits for the message (channel, seq, step, chunk) from ``src``.
-
-        The waiting thread reads the socket itself when no other thread does (leader/follower):
-        no thread hand-off on the critical path of a collective.
-        """
-        key = (channel, seq, step, chunk, src)
-        what = what or f"{channel} #{seq} step {step}"
-        timeout = self.config.timeout if timeout is None else timeout
-        msg = self.mailbox.try_take(key, what)
-        if msg is None:
-            t0 = time.monotonic()
-            msg = self._recv_wait(key, src, timeout, what, t0 + timeout)
-            if self.on_recv is not None:
-                self.on_recv(src, msg.nbytes, time.monotonic() - t0)
-        elif self.on_recv is not None:
-            self.on_recv(src, msg.nbytes, 0.0)
-        return msg
-
-    def _recv_wait(self, key: tuple, src: int, timeout: float, what: str, deadline: float) -> Message:
-        mb = self.mailbox
-        self._want_rx(+1)
-        try:
-            while True:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    raise timeout_error(what, src, timeout)
-                if self._rx_lock.acquire(timeout=min(remaining, 0.05)):
-                    try:
-                        msg = mb.try_take(key, what)
-                        if msg is not None:
-                            return msg
-                        if self._closing.is_set():
-                            raise TransportClosed(f"{what}: the transport of rank {self.rank} is shut down")
-                        # With other threads waiting too, poll briefly so they get their turn.
-                        self._pump(min(remaining, 0.05 if self._rx_demand <= 1 else 0.001))
-                    finally:
-                        self._rx_lock.release()
-                msg = mb.try_take(key, what)
-                if msg is not None:
-                    return msg
-        finally:
-            self._want_rx(-1)
-
-    def _want_rx(self, delta: int) -> None:
-        with self._wake_lock:
-            self._rx_demand += delta
-            self._last_demand = time.monotonic()
-            if delta > 0 and self._io_idle and self._wake_send is not None:
-                self._wake_send.send(b"", zmq.NOBLOCK)  # make the I/O thread hand over the socket
-
-    def _pump(self, timeout: float) -> None:
-        """Reads and delivers whatever arrives within ``timeout`` s. Caller holds ``_rx_lock``."""
-        if not self._router.poll(int(timeout * 1000) if timeout > 0 else 0, zmq.POLLIN):
-            return
-        for _ in range(4096):
-            try:
-                frames = self._router.recv_multipart(zmq.NOBLOCK, copy=False)
-            except zmq.Again:
-                return
-            self._handle(frames)
-
     @property
     def all_local(self) -> bool:
         """True when every peer is on this machine (reached over ipc://, with shared memory)."""
@@ -349,166 +285,6 @@ class Transport:
                     "msgs_sent": x.msgs_sent, "msgs_recv": x.msgs_recv} for p, x in self._peers.items()}
 
     # ---- I/O thread ---------------------------------------------------------------------------
-    def _io_loop(self, ctrl: zmq.Socket, wake: zmq.Socket) -> None:
-        # Reads the socket only while no operation thread wants to (they read it themselves), and
-        # always watches the peers' connection events.
-        busy = zmq.Poller()
-        busy.register(ctrl, zmq.POLLIN)
-        busy.register(wake, zmq.POLLIN)
-        monitors = {}
-        for p in self._peers.values():
-            if p.monitor is not None:
-                busy.register(p.monitor, zmq.POLLIN)
-                monitors[p.monitor] = p
-        idle = zmq.Poller()
-        for sock in (ctrl, wake, *monitors):
-            idle.register(sock, zmq.POLLIN)
-        idle.register(self._router, zmq.POLLIN)
-        grace = 0.005  # the I/O thread reads the socket only after operations left it alone this long (bounds the
-        # latency of threads that wait on the mailbox instead of reading, e.g. gossip and PS servers)
-        try:
-            while True:
-                events: dict = {}
-                if self._rx_demand == 0 and time.monotonic() - self._last_demand > grace:
-                    if self._rx_lock.acquire(timeout=0.05):
-                        try:
-                            self._io_idle = True
-                            if self._rx_demand == 0:
-                                events = dict(idle.poll(100 if any(p.suspect_since for p in self._peers.values()) else 1000))
-                                if self._router in events:
-                                    self._pump(0)
-                        finally:
-                            self._io_idle = False
-                            self._rx_lock.release()
-                else:
-                    events = dict(busy.poll(int(grace * 1000)))
-
-                if ctrl in events:
-                    break
-                self._check_suspects()
-                if wake in events:
-                    while wake.poll(0):
-                        wake.recv()
-                for sock, p in monitors.items():
-                    if sock in events:
-                        self._handle_monitor(sock, p)
-        except Exception as exc:  # pragma: no cover - defensive: never die silently
-            logger.exception("rank %d: I/O thread crashed", self.rank)
-            self.mailbox.close(CommError(f"rank {self.rank}: the commlayer I/O thread crashed: {exc!r}"))
-        finally:
-            ctrl.close(linger=0)
-            wake.close(linger=0)
-
-    def _handle(self, frames: list[zmq.Frame]) -> None:
-        ident = frames[0].bytes
-        try:
-            if len(frames) < 2:
-                raise WireError("expected an envelope and a header frame, got only the envelope")
-            header = unpack_header(frames[1].buffer)
-            payload = frames[2:]
-            if "shm" in header.meta:
-                payload = self._shm_payload(header, payload)
-            check_frames(header, payload)
-            if not (0 <= header.src < self.world_size) or ident != f"r{header.src}".encode() or header.src == self.rank:
-                raise WireError(f"header claims src={header.src} but the connection identifies as {ident!r}")
-            if self.curve is not None and self.curve.by_rank is not None:
-                uid = user_id(frames[1])
-                if uid.encode() != self.curve.by_rank[header.src]:
-                    raise WireError(f"message claims src={header.src} but its connection authenticated as another key ({uid[:8]}...)")
-        except Exception as exc:  # anything a hostile frame provokes is a rejection, never a crash
-            self.rejected += 1
-            if self.rejected <= 10 or self.rejected % 1000 == 0:  # rate-limited: a flood must not flood the log
-                logger.error("rank %d rejected a message from connection %r (%d so far): %s", self.rank, ident[:32],
-                             self.rejected, exc if isinstance(exc, WireError) else f"{type(exc).__name__}: {exc}")
-            return
-        p = self._peers[header.src]
-        p.msgs_recv += 1
-        p.bytes_recv += sum(header.nbytes)
-        if header.kind == Kind.DATA or header.kind == Kind.HELLO:
-            try:
-                self.mailbox.deliver(Message(header, payload))
-            except WireError as exc:
-                self.rejected += 1
-                logger.error("rank %d: %s", self.rank, exc)
-                self._peer_down(header.src, f"protocol error: {exc}")
-        elif header.kind == Kind.BYE:
-            p.state = "left"
-            why = header.meta.get("reason")
-            self.mailbox.peer_failed(header.src, "it shut down its process group (destroy_process_group or exit) before sending"
-                                     + (f", after: {why}" if isinstance(why, str) and why else ""))
-            for cb in list(self._listeners):
-                cb(header.src, "left")
-        elif header.kind == Kind.PING:
-            try:
-                self.send(header.src, Header(Kind.PONG, "pong", header.channel, header.seq, 0, 0, self.rank, meta=header.meta), [])
-            except CommError:
-                pass
-        else:  # PONG: delivered like data for whoever probes
-            self.mailbox.deliver(Message(header, payload))
-
-    def _shm_payload(self, header: Header, frames: list[Any]) -> list[Any]:
-        starts = header.meta["shm"]
-        if frames or not isinstance(starts, list) or len(starts) != len(header.nbytes) or not all(
-                isinstance(x, int) and not isinstance(x, bool) for x in starts):
-            raise WireError("malformed shared-memory descriptor")
-        p = self._peers.get(header.src)
-        info = self.peer_info.get(header.src)
-        if p is None or info is None or self.endpoint is None or info.host_id != self.endpoint.host_id:
-            raise WireError(f"rank {header.src} is not on this machine but sent a shared-memory descriptor")
-        if p.shm_in is None:
-            try:
-                p.shm_in = shm.Consumer(shm.ring_path(info.pid, info.nonce, header.src, self.rank))
-            except OSError as exc:
-                raise WireError(f"cannot open rank {header.src}'s shared-memory ring: {exc}") from None
-        try:
-            return p.shm_in.views(starts, list(header.nbytes))
-        except ValueError as exc:
-            raise WireError(str(exc)) from None
-
-    def _handle_monitor(self, sock: zmq.Socket, p: _Peer) -> None:
-        while True:
-            try:
-                ev = recv_monitor_message(sock, zmq.NOBLOCK)
-            except zmq.Again:
-                return
-            except zmq.ZMQError:
-                return
-            event = ev["event"]
-            if event == zmq.EVENT_CONNECTED:
-                if p.state == "connecting":
-                    p.state = "connected"
-            elif event == zmq.EVENT_DISCONNECTED:
-                # The peer's last data and its goodbye travel on its own connection to us and may
-                # still be queued; give them DISCONNECT_GRACE seconds before declaring it dead.
-                if p.state == "connected" and not self._closing.is_set() and not p.suspect_since:
-                    p.suspect_since = time.monotonic()
-            elif event in (zmq.EVENT_HANDSHAKE_FAILED_AUTH, zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL):
-                why = ("it rejected this rank's key (different COMMLAYER_SECRET or key files?)"
-                       if event == zmq.EVENT_HANDSHAKE_FAILED_AUTH else "the security handshake failed (encryption on one side only?)")
-                logger.error("rank %d: connection to rank %d at %s refused: %s", self.rank, p.rank, p.endpoint, why)
-                p.state = "dead"
-                self.mailbox.peer_failed(p.rank, f"connection refused: {why}")
-
-    def _check_suspects(self) -> None:
-        now = time.monotonic()
-        for p in self._peers.values():
-            if p.suspect_since and p.state == "connected" and now - p.suspect_since > DISCONNECT_GRACE:
-                self._peer_down(p.rank, f"its connection ({p.endpoint}) dropped without a goodbye: the process died or the network failed")
-
-    def _peer_down(self, peer: int, reason: str) -> None:
-        p = self._peers[peer]
-        if p.state == "dead":
-            return
-        p.state = "dead"
-        logger.warning("rank %d: rank %d failed: %s", self.rank, peer, reason)
-        self.mailbox.peer_failed(peer, reason)
-        for cb in list(self._listeners):
-            try:
-                cb(peer, reason)
-            except Exception:  # pragma: no cover - listener bugs must not kill the I/O thread
-                logger.exception("failure listener raised")
-
-    # ---- shutdown -----------------------------------------------------------------------------
     def close(self, reason: str = "") -> None:
         """Says goodbye to every peer, flushes (up to ``linger`` s), and frees sockets and threads.
 
