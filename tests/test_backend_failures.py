@@ -74,7 +74,7 @@ def _garbage_worker(rank: int, world: int) -> dict:
         for ident in (b"evil", b"r0"):
             s = ctx.socket(zmq.DEALER)
             s.setsockopt(zmq.ROUTING_ID, ident)
-            s.setsockopt(zmq.LINGER, 0)
+            s.setsockopt(zmq.LINGER, 5000)  # deliver everything before closing, even on a loaded machine
             s.connect(target)
             for frames in bad:
                 s.send_multipart(frames)

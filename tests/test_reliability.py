@@ -41,8 +41,11 @@ def test_soak_random_collectives_match_reference() -> None:
     assert res["threads_left"] == []
     for before, after in res["threads_before_after"]:
         assert after == before, res
+    # While the group lives, the only new fds are shared-memory rings made on a peer's first large payload
+    # (one out and one in per peer: bounded). That nothing is left after destroy_process_group is checked by
+    # test_backend_failures.py::test_destroy_closes_sockets_and_threads over repeated init/destroy cycles.
     for before, after in res["fds_before_after"]:
-        assert after <= before, res
+        assert after <= before + 2 * (3 - 1), res
     # Nothing of the group's own operations is left behind (the adaptive controller's channel is
     # reported in docs/reliability.md).
     assert all(m["waiters"] == 0 and "pg0" not in m["left_by_channel"] for m in res["mailbox_after"]), res["mailbox_after"]
