@@ -13,12 +13,13 @@ silently wrong:
 * ``majority_vote`` (``sign:scale=none``): all-gather of the 1-bit payloads, then
   ``sign(sum of votes)`` (signSGD with majority vote); the result is the vote, for either
   ``average`` value.
-* ``powersgd``: PowerSGD's two mean all-reduces (of P and Q) over the dense all-reduce.
+* ``powersgd``: PowerSGD's two mean all-reduces (of P and Q) over the dense all-reduce, each in its own
+  step range of the one operation (:meth:`OpComm.shifted`).
 """
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Sequence
 
 import torch
 
@@ -31,21 +32,6 @@ from commlayer.topologies.ring import DEFAULT_CHUNK_BYTES
 
 #: Step offset between the phases of one compressed all-reduce (dense collectives use < 2^16 steps).
 PHASE = 1 << 16
-
-
-class ShiftedComm(OpComm):
-    """An :class:`OpComm` whose steps are offset, so several phases can share one operation."""
-
-    def __init__(self, base: OpComm, offset: int) -> None:  # noqa: D107 - no super().__init__: share base's fields
-        self.__dict__.update(base.__dict__)
-        self._trackers = []
-        self._offset = offset
-
-    def send(self, peer: int, step: int, *args: Any, **kwargs: Any) -> None:
-        OpComm.send(self, peer, step + self._offset, *args, **kwargs)
-
-    def recv(self, peer: int, step: int, chunk: int = 0):  # type: ignore[override]
-        return OpComm.recv(self, peer, step + self._offset, chunk)
 
 
 def allgather_encoded(comm: OpComm, enc: Encoded, algo: str = "ring", order: Sequence[int] | None = None) -> list[Encoded]:
@@ -123,14 +109,14 @@ def codec_allreduce(comm: OpComm, flat: torch.Tensor, codec: Codec, ctx: CodecCo
             flat.div_(p)
         enc = codec.encode(flat.view(ctx.shape), ctx)
         payload = codec.summable(enc, ctx).reshape(-1).contiguous().clone()
-        dense_allreduce(ShiftedComm(comm, 0), payload, ReduceOp.SUM, algo, order, chunk_bytes)
+        dense_allreduce(comm, payload, ReduceOp.SUM, algo, order, chunk_bytes)
         flat.copy_(codec.decode(codec.from_summable(payload, ctx), ctx).reshape(-1))
     elif mode == "powersgd":
         calls = [0]
 
         def mean(t: torch.Tensor) -> torch.Tensor:
             t = t.contiguous().clone()
-            sub = ShiftedComm(comm, calls[0] * PHASE)
+            sub = comm.shifted(calls[0] * PHASE)
             calls[0] += 1
             dense_allreduce(sub, t, ReduceOp.SUM, algo, order, chunk_bytes)
             return t.div_(p)

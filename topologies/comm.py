@@ -96,6 +96,14 @@ class OpComm:
         self.size = group.size
         self._t = group.transport
         self._trackers: list[tuple[int, zmq.MessageTracker]] = []
+        self.step_offset = 0
+
+    def shifted(self, offset: int) -> "OpComm":
+        """The same operation with steps moved by ``offset``, so several phases (e.g. PowerSGD's two
+        all-reduces) can run inside one operation without their messages colliding."""
+        other = OpComm(self.group, self.op, self.seq, self.timeout)
+        other.step_offset = self.step_offset + offset
+        return other
 
     def describe(self, step: int | None = None) -> str:
         s = f"{self.op} #{self.seq} in group {self.group.channel!r} (rank {self.rank} of {self.size})"
@@ -105,7 +113,7 @@ class OpComm:
              meta: dict[str, Any] | None = None, track: bool = False) -> None:
         """Sends raw frames to group rank ``peer``."""
         sizes = tuple(f.nbytes if isinstance(f, (memoryview, np.ndarray)) else len(f) for f in frames)
-        h = Header(Kind.DATA, self.op, self.group.channel, self.seq, step, chunk, self.group.transport.rank, dtype,
+        h = Header(Kind.DATA, self.op, self.group.channel, self.seq, step + self.step_offset, chunk, self.group.transport.rank, dtype,
                    tuple(shape), sizes, meta or {})
         dst = self.group.ranks[peer]
         tr = self._t.send(dst, h, frames, track=track)
@@ -121,7 +129,8 @@ class OpComm:
         self.send(peer, step, [data] if len(data) else [], chunk, wire_dtype(t.dtype), (t.numel(),), track=not copy)
 
     def recv(self, peer: int, step: int, chunk: int = 0) -> Message:
-        msg = self._t.recv(self.group.channel, self.seq, step, chunk, self.group.ranks[peer], self.timeout, self.describe(step))
+        msg = self._t.recv(self.group.channel, self.seq, step + self.step_offset, chunk, self.group.ranks[peer], self.timeout,
+                           self.describe(step + self.step_offset))
         if msg.header.op != self.op:
             raise CommError(f"collective mismatch: rank {peer} of group {self.group.channel!r} sent {msg.header.op} #{self.seq} "
                             f"while this rank runs {self.op} #{self.seq}; every rank must call the same collectives in the same order")

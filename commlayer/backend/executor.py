@@ -44,30 +44,28 @@ class Executor:
                     self._thread.start()
                 self._cv.notify_all()
         if run_here:
-            try:
-                _run(job, work)
-            finally:
-                with self._cv:
-                    self._busy = False
-                    self._cv.notify_all()
+            self._run_and_release(job, work)
+
+    def _run_and_release(self, job: Job, work: ZmqWork) -> None:
+        """Runs one operation (the caller set ``_busy``) and lets the next one go."""
+        try:
+            _run(job, work)
+        finally:
+            with self._cv:
+                self._busy = False
+                self._cv.notify_all()
 
     def _loop(self) -> None:
         while True:
             with self._cv:
-                while not self._stopped and (self._busy or not self._queue):
+                # Never start while another operation runs (inline in a caller, too), even when stopping.
+                while self._busy or (not self._stopped and not self._queue):
                     self._cv.wait(1.0)
                 if self._stopped and not self._queue:
                     return
-                if self._busy:
-                    continue
                 job, work = self._queue.popleft()
                 self._busy = True
-            try:
-                _run(job, work)
-            finally:
-                with self._cv:
-                    self._busy = False
-                    self._cv.notify_all()
+            self._run_and_release(job, work)
 
     def stop(self, timeout: float = 10.0) -> None:
         """Lets queued operations finish (they fail fast once the transport is closed) and joins the thread."""
