@@ -77,11 +77,13 @@ SETTINGS: dict[str, Setting] = {
         Setting("COMMLAYER_SHM", bool, True, "transport", "shared-memory rings for co-located peers"),
         Setting("COMMLAYER_SHM_BYTES", int, 32 << 20, "transport", "size of each shared-memory ring"),
         # per group
-        Setting("COMMLAYER_ALGO", str, "auto", "group", "all_reduce algorithm: auto, ring, tree, ps"),
+        Setting("COMMLAYER_ALGO", str, "auto", "group", "all_reduce algorithm: auto or a name of commlayer.topologies.registry (ring, tree, chain, ps)"),
         Setting("COMMLAYER_CODEC", str, "", "group", "codec spec for float all_reduce SUM/AVG (empty = exact)"),
         Setting("COMMLAYER_CODEC_MIN_BYTES", int, 64 * 1024, "group", "tensors below this size stay exact"),
         Setting("COMMLAYER_CHUNK_BYTES", int, 1 << 20, "group", "ring pipeline chunk in bytes"),
         Setting("COMMLAYER_RING_ORDER", str, "", "group", "ring order, comma-separated group ranks (empty = identity)"),
+        Setting("COMMLAYER_SMALL_BYTES", int, 64 * 1024, "group", "algo=auto: all-reduces below this size use recursive doubling, others the ring"),
+        Setting("COMMLAYER_PS_SERVERS", int, 1, "group", "algo=ps: number of co-located parameter servers (group ranks 0..S-1)"),
     )
 }
 

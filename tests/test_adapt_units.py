@@ -8,8 +8,8 @@ import math
 import pytest
 
 from commlayer.adapt import policy as pol
-from commlayer.adapt.cost import (CodecProfile, CostParams, allreduce_time, gossip_time, ps_time, recursive_doubling_time,
-                                  ring_allreduce_time)
+from commlayer.adapt.cost import (CodecProfile, CostParams, allreduce_time, direct_allgather_time, gossip_time, ps_time,
+                                  recursive_doubling_time, ring_allreduce_time)
 from commlayer.adapt.estimator import Ewma, LinkMatrixSnapshot, LinkState, install_hooks
 from commlayer.adapt.metrics import MetricsSink, prometheus_text, read_jsonl
 from commlayer.adapt.planner import Plan
@@ -104,8 +104,11 @@ def test_codec_cost_includes_encode_decode_and_wire_bytes() -> None:
     assert allreduce_time(s, n, "ring", None, 1 << 20, P, slow_cpu) > exact
     gather = CodecProfile("int8", 0.26, 1e9, 1e9, 5e-3, False)
     assert allreduce_time(s, n, "ring", None, 1 << 20, P, gather) > 0
-    with pytest.raises(ValueError, match="Expected algo 'ring'"):
-        allreduce_time(s, n, "tree", None, 1 << 20, P, gather)
+    # "tree" all-gathers non-linear payloads directly (as codec_allreduce does): priced, never an error.
+    direct = allreduce_time(s, n, "tree", None, 1 << 20, P, gather)
+    assert direct == pytest.approx(n / 1e9 + direct_allgather_time(s, n * 0.26, P) + 4 * n / 1e9)
+    with pytest.raises(ValueError, match="Expected algo in .*'ring'.*got 'bogus'"):
+        allreduce_time(s, n, "bogus", None, 1 << 20, P, gather)
 
 
 @pytest.mark.parametrize("p", [4, 6, 10])

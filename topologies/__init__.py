@@ -2,7 +2,8 @@
 
 Exports (imported lazily, so the backend's imports stay light): :class:`World`, :class:`Topology`,
 :class:`Guarantee`, :class:`Collective` (ring / tree), :class:`ParameterServer`, :class:`Gossip`,
-:func:`codec_allreduce`, :mod:`graphs`. See docs/topologies.md.
+:func:`codec_allreduce`, :mod:`graphs`; :mod:`registry` is the table of all-reduce algorithms. See
+docs/topologies.md.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from typing import Any
 
 _EXPORTS = {
     "World": "world", "Topology": "base", "Guarantee": "base", "Collective": "base",
-    "ParameterServer": "ps", "ps_allreduce": "ps", "Gossip": "gossip", "codec_allreduce": "codec_allreduce",
+    "ParameterServer": "ps", "ps_allreduce": "ps_collective", "Gossip": "gossip", "codec_allreduce": "codec_allreduce",
 }
 
 __all__ = sorted(_EXPORTS)

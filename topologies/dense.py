@@ -1,24 +1,22 @@
-"""Exact all-reduce with the algorithm chosen by message size (or forced)."""
+"""Exact all-reduce with the algorithm chosen by message size (or forced), from the registry."""
 
 from __future__ import annotations
 
-import os
 from typing import Sequence
 
 import torch
 
+from commlayer.topologies import registry
 from commlayer.topologies.comm import OpComm
-from commlayer.topologies.recursive_doubling import recursive_doubling_allreduce
 from commlayer.topologies.reduce_ops import ReduceOp
-from commlayer.topologies.ring import DEFAULT_CHUNK_BYTES, ring_allreduce
+from commlayer.topologies.ring import DEFAULT_CHUNK_BYTES
 
-ALGORITHMS = ("auto", "ring", "tree", "ps")
-# Below this many bytes the latency of 2(p-1) ring hops outweighs the ring's bandwidth advantage.
-SMALL_BYTES = int(os.environ.get("COMMLAYER_SMALL_BYTES", 64 * 1024))
+#: "auto" and every registered algorithm (a snapshot taken at import; :func:`registry.names` is live).
+ALGORITHMS = registry.names(auto=True)
 
 
 def choose_algorithm(nbytes: int, size: int) -> str:
-    return "tree" if nbytes < SMALL_BYTES else "ring"
+    return registry.choose(nbytes, size)
 
 
 def allreduce(comm: OpComm, flat: torch.Tensor, op: ReduceOp, algo: str = "auto", order: Sequence[int] | None = None,
@@ -26,19 +24,9 @@ def allreduce(comm: OpComm, flat: torch.Tensor, op: ReduceOp, algo: str = "auto"
     """All-reduces the 1-D contiguous ``flat`` in place; returns the algorithm used.
 
     Args:
-        algo: "ring" (chunked pipelined ring), "tree" (recursive doubling), "ps" (co-located parameter
-            servers, ``COMMLAYER_PS_SERVERS``) or "auto" (by size).
+        algo: a name of :mod:`commlayer.topologies.registry` ("ring", "tree", "chain", "ps"...) or
+            "auto" (by size).
     """
-    if algo not in ALGORITHMS:
-        raise ValueError(f"Expected algo in {ALGORITHMS}, got {algo!r}")
-    if algo == "auto":
-        algo = choose_algorithm(flat.numel() * flat.element_size(), comm.size)
-    if algo == "ring":
-        ring_allreduce(comm, flat, op, order=order, chunk_bytes=chunk_bytes)
-    elif algo == "ps":
-        from commlayer.topologies.ps import ps_allreduce
-
-        ps_allreduce(comm, flat, op)
-    else:
-        recursive_doubling_allreduce(comm, flat, op)
-    return algo
+    a = registry.resolve(algo, flat.numel() * flat.element_size(), comm.size)
+    a.run(comm, flat, op, order, chunk_bytes)
+    return a.name

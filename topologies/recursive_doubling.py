@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from commlayer.topologies.comm import OpComm
+from commlayer.topologies.cost import CostParams, Links
 from commlayer.topologies.reduce_ops import ReduceOp, combine_
 
 
@@ -52,3 +53,33 @@ def recursive_doubling_allreduce(comm: OpComm, flat: torch.Tensor, op: ReduceOp)
             comm.send_tensor(rank - 1, final, flat, copy=True)
         else:
             flat.copy_(comm.recv_tensor(rank + 1, final, flat.dtype, n))
+
+
+def recursive_doubling_time(s: Links, nbytes: float, params: CostParams, elem_scale: float = 1.0) -> float:
+    """Recursive doubling (with the fold/unfold of non-powers of two), whole tensor per message."""
+    p = s.size
+    if p <= 1 or nbytes <= 0:
+        return 0.0
+    red = nbytes * elem_scale / params.reduce_Bps
+    o = params.msg_overhead_s
+
+    def xfer(a: int, b: int, t_send: float) -> float:
+        return t_send + s.alpha[a][b] + nbytes / s.beta[a][b] + o
+
+    t = [0.0] * p
+    pof2 = 1 << (p.bit_length() - 1)
+    rem = p - pof2
+    for r in range(1, 2 * rem, 2):  # fold: even sends to odd
+        t[r] = max(t[r], xfer(r - 1, r, t[r - 1])) + red
+    active = [r for r in range(p) if not (r < 2 * rem and r % 2 == 0)]
+    mask = 1
+    while mask < pof2:
+        new = list(t)
+        for nr, r in enumerate(active):
+            q = active[nr ^ mask]
+            new[r] = max(t[r], xfer(q, r, t[q])) + red
+        t = new
+        mask <<= 1
+    for r in range(1, 2 * rem, 2):  # unfold
+        t[r - 1] = max(t[r - 1], xfer(r, r - 1, t[r])) + nbytes / params.copy_Bps
+    return max(t)

@@ -4,7 +4,8 @@ Patarasuk & Yuan, "Bandwidth optimal all-reduce algorithms for clusters of works
 (JPDC 2009). Each rank sends 2(p-1)/p of the data, the bandwidth optimum. Blocks are cut into
 chunks, and a chunk is forwarded as soon as it is reduced, so every link stays busy and a long
 fat link can hold many chunks in flight. The ring may follow any order (a permutation of the
-group ranks), so the adaptation layer can route around slow links.
+group ranks), so the adaptation layer can route around slow links. :func:`ring_allreduce_time`
+replays the same schedule over a link matrix (the registry's cost of "ring").
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from typing import Iterator, Sequence
 import torch
 
 from commlayer.topologies.comm import OpComm
+from commlayer.topologies.cost import CostParams, Links, chunking
 from commlayer.topologies.reduce_ops import ReduceOp, combine_
 
 DEFAULT_CHUNK_BYTES = 1 << 20
@@ -123,3 +125,56 @@ def ring_allgather(comm: OpComm, flat: torch.Tensor, bounds: Sequence[tuple[int,
     ring = _Ring(comm, flat, bounds, order, chunk_bytes)
     ring.allgather(0, send_first=True)
     comm.finish()
+
+
+# ---- cost: the schedule above replayed over per-link alpha/beta ----------------------------------
+def ring_time(s: Links, nbytes: float, order: Sequence[int], chunk_bytes: int, params: CostParams,
+              steps: int | None = None, reduce_steps: int | None = None, elem_scale: float = 1.0) -> float:
+    """Seconds for a chunked, pipelined ring over ``order`` moving blocks of ``nbytes / p``.
+
+    ``steps`` defaults to the all-reduce's 2(p-1) (an all-gather is p-1 with no reductions);
+    ``reduce_steps`` of them combine what they receive. ``elem_scale`` scales reduction cost.
+    """
+    p = len(order)
+    if p <= 1 or nbytes <= 0:
+        return 0.0
+    S = 2 * (p - 1) if steps is None else steps
+    R = (p - 1) if reduce_steps is None else reduce_steps
+    K, c, o = chunking(nbytes / p, chunk_bytes, params)
+    links = [(order[k], order[(k + 1) % p]) for k in range(p)]
+    ser = [c / s.beta[a][b] for a, b in links]
+    lat = [s.alpha[a][b] for a, b in links]
+    red = c * elem_scale / params.reduce_Bps
+    cpy = c / params.copy_Bps
+    cpu = [0.0] * p        # rank order[k]'s thread clock
+    free = [0.0] * p       # link k (order[k] -> order[k+1]) busy until
+    arrive = [[0.0] * K for _ in range(p)]
+    for k in range(p):     # step 0: every rank sends its first block at once
+        for j in range(K):
+            free[k] = max(free[k], cpu[k]) + ser[k]
+            arrive[k][j] = free[k] + lat[k]
+    for step in range(1, S + 1):
+        prev = arrive
+        arrive = [[0.0] * K for _ in range(p)]
+        for k in range(p):
+            up = prev[(k - 1) % p]  # what rank order[k] receives from order[k-1]
+            for j in range(K):
+                cpu[k] = max(cpu[k], up[j]) + o + (red if step <= R else cpy)
+                if step < S:
+                    free[k] = max(free[k], cpu[k]) + ser[k]
+                    arrive[k][j] = free[k] + lat[k]
+    return max(cpu)
+
+
+def ring_allreduce_time(s: Links, nbytes: float, order: Sequence[int] | None, chunk_bytes: int,
+                        params: CostParams, elem_scale: float = 1.0) -> float:
+    order = list(range(s.size)) if order is None else list(order)
+    return ring_time(s, nbytes, order, chunk_bytes, params, elem_scale=elem_scale)
+
+
+def ring_allgather_time(s: Links, block_bytes: float, order: Sequence[int] | None, chunk_bytes: int,
+                        params: CostParams) -> float:
+    """All-gather of one ``block_bytes`` block per rank over a ring."""
+    order = list(range(s.size)) if order is None else list(order)
+    p = len(order)
+    return ring_time(s, block_bytes * p, order, chunk_bytes, params, steps=p - 1, reduce_steps=0)

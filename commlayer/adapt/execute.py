@@ -1,11 +1,12 @@
 """Codec measurement on this CPU and execution of a :class:`~commlayer.adapt.planner.Plan` over a group.
 
 :func:`measure_codec` times a codec's encode/decode on a Gaussian tensor and measures its wire
-ratio and relative error (for the cost model and the error-budget policy). :func:`run_allreduce`
-runs one all-reduce exactly as a plan says: the exact dense algorithms, or the compressed
-all-reduce of :mod:`commlayer.topologies.codec_allreduce`; the operation name carries the plan's
-tag, so ranks running different plans fail with a "collective mismatch" error instead of
-mixing data.
+ratio and relative error (for the cost model and the error-budget policy). :func:`execute`
+is the one plan executor (the backend's adaptive all-reduce and :func:`run_allreduce` of the
+tests and benchmarks): it runs one all-reduce exactly as a plan says, the plan's registered
+algorithm exactly or carrying the compressed all-reduce of
+:mod:`commlayer.topologies.codec_allreduce`; the operation name carries the plan's tag, so ranks
+running different plans fail with a "collective mismatch" error instead of mixing data.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import torch
 
 from commlayer.adapt.cost import CodecProfile
 from commlayer.codecs import CodecContext, aggregation_mode, from_spec
-from commlayer.topologies.comm import Group
+from commlayer.topologies.comm import Group, OpComm
 from commlayer.topologies.dense import allreduce as dense_allreduce
 from commlayer.topologies.reduce_ops import ReduceOp, finalize_
 
@@ -82,27 +83,49 @@ class CodecCache:
         return out
 
 
-def run_allreduce(group: Group, flat: torch.Tensor, op: ReduceOp, plan: Any, codecs: CodecCache | None = None,
-                  key: str = "", step: int = 0, seed: int = 0) -> dict[str, Any]:
-    """All-reduces the 1-D contiguous ``flat`` in place following ``plan``; returns what happened.
+def execute(comm: OpComm, flat: torch.Tensor, op: ReduceOp, plan: Any, codec: Any = None,
+            ctx: CodecContext | None = None) -> dict[str, Any]:
+    """Runs one all-reduce exactly as ``plan`` says on ``comm``: the one plan executor.
 
-    AVG is finalised (divided) here. A codec plan requires a floating tensor and SUM/AVG.
+    The backend's adaptive all-reduce and :func:`run_allreduce` (tests, benchmarks) both call it.
+    The operation name gets the plan's tag, so ranks on different plans fail with "collective
+    mismatch" instead of mixing data. AVG is left as a SUM for exact plans (the caller finalises);
+    a codec plan (``codec`` and ``ctx`` given, floating SUM/AVG) averages itself.
+
+    Returns:
+        What happened: plan tag, algorithm, codec, raw and wire bytes, seconds.
     """
-    name = f"allreduce[{plan.tag}]"
-    comm = group.op(name)
+    comm.op = f"{comm.op}[{plan.tag}]"  # a rank on another plan version raises "collective mismatch"
+    nbytes = flat.numel() * flat.element_size()
+    info: dict[str, Any] = {"plan": plan.tag, "algo": plan.algo, "codec": plan.codec_spec,
+                            "bytes": nbytes}
     t0 = time.perf_counter()
-    info: dict[str, Any] = {"plan": plan.tag, "algo": plan.algo, "codec": plan.codec_spec, "bytes": flat.numel() * flat.element_size()}
-    if plan.codec_spec and op in (ReduceOp.SUM, ReduceOp.AVG) and flat.is_floating_point():
+    if codec is not None:
+        if ctx is None or op not in (ReduceOp.SUM, ReduceOp.AVG) or not flat.is_floating_point():
+            raise ValueError(f"Expected a context and a floating SUM/AVG for codec plan {plan.tag}, got {op.value} on {flat.dtype}")
         from commlayer.topologies.codec_allreduce import codec_allreduce  # only codec plans need it
 
-        codec = (codecs or CodecCache()).get(plan.codec_spec)
-        ctx = CodecContext((flat.numel(),), flat.dtype, key=key, step=step, seed=seed)
         codec_allreduce(comm, flat, codec, ctx, plan.algo, average=op == ReduceOp.AVG, order=plan.ring_order,
                         chunk_bytes=plan.chunk_bytes)
         info["wire_bytes"] = codec.wire_bytes(flat.numel(), flat.dtype)
     else:
         dense_allreduce(comm, flat, op, plan.algo, plan.ring_order, plan.chunk_bytes)
-        finalize_(flat, op, group.size)
-        info["wire_bytes"] = info["bytes"]
+        info["wire_bytes"] = nbytes
     info["seconds"] = time.perf_counter() - t0
+    return info
+
+
+def run_allreduce(group: Group, flat: torch.Tensor, op: ReduceOp, plan: Any, codecs: CodecCache | None = None,
+                  key: str = "", step: int = 0, seed: int = 0) -> dict[str, Any]:
+    """All-reduces the 1-D contiguous ``flat`` in place following ``plan`` (:func:`execute`); returns what happened.
+
+    AVG is finalised (divided) here. A codec plan applies to a floating tensor with SUM/AVG; other
+    tensors and ops run the plan's algorithm exactly.
+    """
+    comm = group.op("allreduce")
+    if plan.codec_spec and op in (ReduceOp.SUM, ReduceOp.AVG) and flat.is_floating_point():
+        codec = (codecs or CodecCache()).get(plan.codec_spec)
+        return execute(comm, flat, op, plan, codec, CodecContext((flat.numel(),), flat.dtype, key=key, step=step, seed=seed))
+    info = execute(comm, flat, op, plan)
+    finalize_(flat, op, group.size)
     return info

@@ -48,7 +48,7 @@ class Plan:
 
     Attributes:
         version: plan epoch (bumped on every re-plan).
-        algo: "ring" or "tree" (recursive doubling).
+        algo: a registered algorithm (:mod:`commlayer.topologies.registry`; the candidates: "ring", "tree").
         chunk_bytes: ring pipeline chunk.
         ring_order: ring order (group ranks) or None for the identity.
         codec_spec: codec spec, "" = exact.

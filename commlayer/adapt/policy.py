@@ -1,8 +1,10 @@
 """Policies and the candidate search of the controller.
 
-Candidates are every (algorithm, ring order, chunk size, codec) the cost model can price: the
-ring in the identity order and in the bandwidth-aware order (:mod:`commlayer.adapt.ringorder`) for
-each chunk size, and recursive doubling; each with every codec the policy admits. A policy then
+Candidates are every (algorithm, ring order, chunk size, codec) the cost model can price, for
+each algorithm the registry marks as a candidate (:func:`commlayer.topologies.registry.candidates`):
+an order-using algorithm (the ring) in the identity order and in the bandwidth-aware order
+(:mod:`commlayer.adapt.ringorder`) for each chunk size, the others (recursive doubling) once;
+each with every codec the policy admits. A policy then
 picks one:
 
 * ``exact``: the fastest exact configuration;
@@ -23,6 +25,7 @@ from typing import Any, Sequence
 from commlayer.adapt.cost import CodecProfile, CostParams, allreduce_time
 from commlayer.adapt.estimator import LinkMatrixSnapshot
 from commlayer.adapt.ringorder import best_ring_order, bottleneck
+from commlayer.topologies import registry
 
 MODES = ("exact", "error_budget", "hide")
 DEFAULT_CODECS = ("fp16", "bf16", "int8", "qsgd:levels=127,bucket=512")
@@ -92,12 +95,15 @@ def candidates(s: LinkMatrixSnapshot, nbytes: int, codecs: Sequence[CodecProfile
     for codec in codecs:
         wire_block = block * codec.ratio
         useful = sorted({c for c in chunks if c < 2 * wire_block} | {min(chunks)}) if chunks else [1 << 20]
-        for order in orders:
-            for c in useful:
-                t = allreduce_time(s, nbytes, "ring", order, c, params, codec)
-                out.append(Candidate("ring", None if order == ident else order, c, codec, t))
-        if codec.linear:
-            out.append(Candidate("tree", None, max(useful), codec, allreduce_time(s, nbytes, "tree", None, max(useful), params, codec)))
+        for algo in registry.candidates():
+            if algo.uses_order:  # pipelined: every ring order and useful chunk size
+                for order in orders:
+                    for c in useful:
+                        t = allreduce_time(s, nbytes, algo.name, order, c, params, codec)
+                        out.append(Candidate(algo.name, None if order == ident else order, c, codec, t))
+            elif codec.linear:  # whole-tensor messages: one configuration; only summable payloads (as always)
+                out.append(Candidate(algo.name, None, max(useful), codec,
+                                     allreduce_time(s, nbytes, algo.name, None, max(useful), params, codec)))
     return out
 
 
@@ -127,7 +133,7 @@ def _why(rule: str, best: Candidate, pool: Sequence[Candidate]) -> str:
 
 def window(s: LinkMatrixSnapshot, c: Candidate) -> int:
     """Chunks in flight that cover the ring's bandwidth-delay product (at least 1)."""
-    if c.algo != "ring":
+    if not registry.get(c.algo).uses_order:
         return 1
     order = c.order or tuple(range(s.size))
     links = [(order[k], order[(k + 1) % len(order)]) for k in range(len(order))]

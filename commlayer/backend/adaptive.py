@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import logging
 import os
-import time
 from typing import Any
 
 import torch
 
+from commlayer.topologies import registry
 from commlayer.topologies.comm import OpComm
-from commlayer.topologies.dense import ALGORITHMS, SMALL_BYTES, allreduce as dense_allreduce
+from commlayer.topologies.dense import allreduce as dense_allreduce
 from commlayer.topologies.reduce_ops import ReduceOp
 
 logger = logging.getLogger(__name__)
@@ -54,16 +54,15 @@ class AdaptiveAllreduce:
 
     def run(self, comm: OpComm, flat: torch.Tensor, op: ReduceOp) -> None:
         """Runs on the executor, so plans and re-plans happen in the same order on every rank."""
+        from commlayer.adapt.execute import execute
+
         nbytes = flat.numel() * flat.element_size()
-        if nbytes < SMALL_BYTES:  # latency-bound: recursive doubling, without the planner's per-op bookkeeping
+        if nbytes < registry.small_bytes():  # latency-bound: recursive doubling, without the planner's per-op bookkeeping
             dense_allreduce(comm, flat, op, "tree")
             return
         plan = self.planner.plan(nbytes, flat.dtype, exact=True)
-        comm.op = f"{comm.op}[{plan.tag}]"  # a rank on another plan version raises "collective mismatch"
-        algo = plan.algo if plan.algo in ALGORITHMS else "auto"
-        t0 = time.perf_counter()
-        dense_allreduce(comm, flat, op, algo, plan.ring_order, plan.chunk_bytes)
-        self.planner.observe(plan, nbytes, time.perf_counter() - t0)
+        info = execute(comm, flat, op, plan)
+        self.planner.observe(plan, nbytes, info["seconds"])
         self._calls += 1
         if self._calls % REPLAN_EVERY == 0:
             if self.planner.maybe_replan(self._calls // REPLAN_EVERY):

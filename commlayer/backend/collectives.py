@@ -33,9 +33,8 @@ def _reduce_inplace(pg: "ProcessGroupZMQ", name: str, tensors: Sequence[torch.Te
     if comp is not None and comp.applies(op, flat.buf, factor):
         ctx = comp.context(flat.buf)  # numbered now, in issue order
 
-        def lossy(comm: OpComm) -> None:
-            algo = pg.options.algo if pg.options.algo in ("ring", "tree") else "auto"
-            codec_allreduce(comm, flat.buf, comp.codec, ctx, algo=algo, average=op == ReduceOp.AVG,
+        def lossy(comm: OpComm) -> None:  # any registered algo carries the codec (COMMLAYER_ALGO=ps too)
+            codec_allreduce(comm, flat.buf, comp.codec, ctx, algo=pg.options.algo, average=op == ReduceOp.AVG,
                             order=pg.options.ring_order, chunk_bytes=pg.options.chunk_bytes)
             flat.commit()
 

@@ -6,7 +6,7 @@ import os
 from dataclasses import dataclass, fields, replace
 from typing import Any, Mapping
 
-from commlayer.topologies.dense import ALGORITHMS
+from commlayer.topologies import registry
 
 
 @dataclass(frozen=True)
@@ -14,7 +14,8 @@ class ZmqOptions:
     """Per-group settings.
 
     Attributes:
-        algo: all-reduce algorithm: "auto" (by size), "ring" or "tree". ``COMMLAYER_ALGO``.
+        algo: all-reduce algorithm: "auto" (by size) or a name of :mod:`commlayer.topologies.registry`
+            ("ring", "tree", "chain", "ps"); exact and compressed all-reduces both use it. ``COMMLAYER_ALGO``.
         chunk_bytes: pipeline chunk of ring/chain algorithms. ``COMMLAYER_CHUNK_BYTES``.
         ring_order: optional ring order (a permutation of group ranks), e.g. to avoid slow links.
         codec: gradient codec spec for floating-point all_reduce SUM/AVG ("" = exact). ``COMMLAYER_CODEC``.
@@ -28,8 +29,7 @@ class ZmqOptions:
     codec_min_bytes: int = 64 * 1024
 
     def __post_init__(self) -> None:
-        if self.algo not in ALGORITHMS:
-            raise ValueError(f"COMMLAYER_ALGO / algo: expected one of {ALGORITHMS}, got {self.algo!r}")
+        registry.validate(self.algo, "COMMLAYER_ALGO / algo")
         if self.chunk_bytes < 1024:
             raise ValueError(f"chunk_bytes: expected >= 1024, got {self.chunk_bytes}")
 
