@@ -90,6 +90,18 @@ class ErrorFeedback(Codec):
     def from_summable(self, tensor: torch.Tensor, ctx: CodecContext) -> Encoded:
         return self.inner.from_summable(tensor, ctx)
 
+    def aggregations(self) -> tuple[str, ...]:
+        return self.inner.aggregations()
+
+    def combine(self, mode: str, payloads: list[Encoded], ctx: CodecContext) -> torch.Tensor:
+        return self.inner.combine(mode, payloads, ctx)
+
+    def rounds(self, mode: str, tensors: list[torch.Tensor], ctxs: list[CodecContext], outer: Codec | None = None) -> Any:
+        return self.inner.rounds(mode, tensors, ctxs, outer=self)
+
+    def sparse_parts(self, encoded: Encoded, ctx: CodecContext) -> tuple[torch.Tensor, torch.Tensor] | None:
+        return self.inner.sparse_parts(encoded, ctx)
+
     def __getattr__(self, name: str) -> Any:
         # Expose the inner codec's extra API (Sign.majority_vote, PowerSGD protocol...).
         if name in ("inner", "residuals"):

@@ -96,6 +96,16 @@ class Pipeline(Codec):
         return Encoded({"h": headers}, buffers)
 
     def decode(self, encoded: Encoded, ctx: CodecContext) -> torch.Tensor:
+        return self.stages[0].decode(self._first_payload(encoded, ctx), ctx)
+
+    def sparse_parts(self, encoded: Encoded, ctx: CodecContext) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The sparsifier's ``(indices, values)`` once the later stages are undone (None for a dense first stage)."""
+        if not isinstance(self.stages[0], SparseCodec):
+            return None
+        return self.stages[0].sparse_parts(self._first_payload(encoded, ctx), ctx)
+
+    def _first_payload(self, encoded: Encoded, ctx: CodecContext) -> Encoded:
+        """The first stage's payload: lossless stages and the value stage undone."""
         headers = encoded.header.get("h") if isinstance(encoded.header, dict) else None
         if not isinstance(headers, list) or len(headers) != len(self.stages) or not all(isinstance(h, dict) for h in headers):
             raise ValueError(f"Malformed pipeline payload: expected {len(self.stages)} stage headers, got {headers!r:.200}")
@@ -113,7 +123,7 @@ class Pipeline(Codec):
                 raise ValueError(f"Malformed pipeline payload: expected at least {rest} buffers, got {len(buffers)}")
             values = self.value_stage.decode(Encoded(headers[1], buffers[rest:]), self._vctx(ctx, k))
             buffers = [as_array(values)] + buffers[:rest]
-        return first.decode(Encoded(headers[0], buffers), ctx)
+        return Encoded(headers[0], buffers)
 
     def _raw_bound(self, ctx: CodecContext) -> int:
         first = self.stages[0]

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Generator
 
 import torch
 
@@ -88,7 +88,17 @@ class PowerSGD(Codec):
         return (n, m, r) if (n + m) * r < n * m else None
 
     def _acc(self, ctx: CodecContext) -> torch.dtype:
-        return torch.float64 if ctx.dtype == torch.float64 else torch.float32
+        from commlayer.codecs.aggregate import acc_dtype
+
+        return acc_dtype(ctx.dtype)
+
+    def aggregations(self) -> tuple[str, ...]:
+        """PowerSGD's own two-round protocol first; ``allgather`` of each worker's ``P^, Q`` also works."""
+        return ("powersgd", "allgather")
+
+    def rounds(self, mode: str, tensors: list[torch.Tensor], ctxs: list[CodecContext],
+               outer: Codec | None = None) -> Generator[torch.Tensor, torch.Tensor, list[torch.Tensor]] | None:
+        return powersgd_rounds(outer or self, tensors, ctxs) if mode == "powersgd" else None
 
     # --- protocol, one matrix at a time ---
     def compute_p(self, matrix: torch.Tensor, ctx: CodecContext) -> torch.Tensor:
@@ -160,6 +170,53 @@ class PowerSGD(Codec):
         return sum(v.numel() * v.element_size() for v in self.q.values())
 
 
+def powersgd_rounds(codec: Codec, tensors: list[torch.Tensor],
+                    ctxs: list[CodecContext]) -> Generator[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+    """PowerSGD's protocol as a generator: yields the 1-D ``P`` (then ``Q``) tensor whose mean over
+    workers it needs, receives that mean, and returns the approximate averages of ``tensors``.
+
+    Any driver can run it: :func:`powersgd_allreduce` (a blocking mean callable),
+    :func:`commlayer.codecs.aggregate.aggregate` (future-chained, e.g. in a DDP hook).
+    """
+    from commlayer.codecs.aggregate import acc_dtype
+    from commlayer.codecs.ef import ErrorFeedback
+
+    ef = codec if isinstance(codec, ErrorFeedback) else None
+    ps = codec.inner if ef is not None else codec
+    if not isinstance(ps, PowerSGD):
+        raise TypeError(f"Expected a powersgd codec, got {codec!r}")
+    comp = [i for i, c in enumerate(ctxs) if ps.matrix_shape(c.shape)]
+    raw = [i for i, c in enumerate(ctxs) if not ps.matrix_shape(c.shape)]
+    mats = {i: ef.compensate(tensors[i], ctxs[i].key) if ef else tensors[i].detach().to(acc_dtype(ctxs[i].dtype)) for i in comp}
+    ps_ = {i: ps.compute_p(mats[i], ctxs[i]) for i in comp}
+    acc = torch.float64 if any(c.dtype == torch.float64 for c in ctxs) else torch.float32
+    flat = torch.cat([ps_[i].reshape(-1).to(acc) for i in comp] + [tensors[i].detach().reshape(-1).to(acc) for i in raw]) if tensors else torch.zeros(0)
+    avg = yield flat
+    out: list[torch.Tensor | None] = [None] * len(tensors)
+    off = 0
+    p_hat = {}
+    for i in comp:
+        p = ps_[i]
+        p_hat[i] = ps.after_p_allreduce(avg[off : off + p.numel()].view(p.shape).to(p.dtype).clone(), ctxs[i])
+        off += p.numel()
+    for i in raw:
+        n = ctxs[i].numel
+        out[i] = avg[off : off + n].to(ctxs[i].dtype).reshape(ctxs[i].shape).clone()
+        off += n
+    if comp:
+        qs = {i: ps.compute_q(mats[i], p_hat[i], ctxs[i]) for i in comp}
+        qavg = yield torch.cat([qs[i].reshape(-1).to(acc) for i in comp])
+        off = 0
+        for i in comp:
+            q = qavg[off : off + qs[i].numel()].view(qs[i].shape).to(qs[i].dtype)
+            off += qs[i].numel()
+            approx = ps.decompress(p_hat[i], q, ctxs[i])
+            if ef is not None:
+                ef.update(ctxs[i].key, mats[i], approx.reshape(mats[i].shape))
+            out[i] = approx
+    return out  # type: ignore[return-value]
+
+
 def powersgd_allreduce(
     codec: Codec,
     tensors: list[torch.Tensor],
@@ -179,39 +236,10 @@ def powersgd_allreduce(
     Returns:
         The approximate averages, in each tensor's shape and dtype.
     """
-    from commlayer.codecs.ef import ErrorFeedback
-
-    ef = codec if isinstance(codec, ErrorFeedback) else None
-    ps = codec.inner if ef is not None else codec
-    if not isinstance(ps, PowerSGD):
-        raise TypeError(f"Expected a powersgd codec, got {codec!r}")
-    comp = [i for i, c in enumerate(ctxs) if ps.matrix_shape(c.shape)]
-    raw = [i for i, c in enumerate(ctxs) if not ps.matrix_shape(c.shape)]
-    mats = {i: ef.compensate(tensors[i], ctxs[i].key) if ef else tensors[i].detach().to(ps._acc(ctxs[i])) for i in comp}
-    ps_ = {i: ps.compute_p(mats[i], ctxs[i]) for i in comp}
-    acc = torch.float64 if any(c.dtype == torch.float64 for c in ctxs) else torch.float32
-    flat = torch.cat([ps_[i].reshape(-1).to(acc) for i in comp] + [tensors[i].detach().reshape(-1).to(acc) for i in raw]) if tensors else torch.zeros(0)
-    avg = allreduce(flat)
-    out: list[torch.Tensor | None] = [None] * len(tensors)
-    off = 0
-    p_hat = {}
-    for i in comp:
-        p = ps_[i]
-        p_hat[i] = ps.after_p_allreduce(avg[off : off + p.numel()].view(p.shape).to(p.dtype).clone(), ctxs[i])
-        off += p.numel()
-    for i in raw:
-        n = ctxs[i].numel
-        out[i] = avg[off : off + n].to(ctxs[i].dtype).reshape(ctxs[i].shape).clone()
-        off += n
-    if comp:
-        qs = {i: ps.compute_q(mats[i], p_hat[i], ctxs[i]) for i in comp}
-        qavg = allreduce(torch.cat([qs[i].reshape(-1).to(acc) for i in comp]))
-        off = 0
-        for i in comp:
-            q = qavg[off : off + qs[i].numel()].view(qs[i].shape).to(qs[i].dtype)
-            off += qs[i].numel()
-            approx = ps.decompress(p_hat[i], q, ctxs[i])
-            if ef is not None:
-                ef.update(ctxs[i].key, mats[i], approx.reshape(mats[i].shape))
-            out[i] = approx
-    return out  # type: ignore[return-value]
+    gen = powersgd_rounds(codec, tensors, ctxs)
+    try:
+        t = next(gen)
+        while True:
+            t = gen.send(allreduce(t))
+    except StopIteration as stop:
+        return stop.value

@@ -71,15 +71,20 @@ class RandomK(SparseCodec):
             values = values * self._factor(ctx.numel)
         return Encoded({"k": int(values.numel())}, [as_array(values)])
 
-    def decode(self, encoded: Encoded, ctx: CodecContext) -> torch.Tensor:
+    def sparse_parts(self, encoded: Encoded, ctx: CodecContext) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(indices, values)``: the indices come from the shared seed, not the wire."""
         if len(encoded.buffers) != 1:
             raise ValueError(f"Malformed randomk payload: expected 1 buffer, got {len(encoded.buffers)}")
         k = self.kept(encoded.header, ctx.numel)
         if k != self.max_kept(ctx.numel):
             raise ValueError(f"Malformed randomk payload: expected k={self.max_kept(ctx.numel)}, got {k}")
         values = from_buffer(encoded.buffers[0], ctx.dtype, k, "randomk values")
+        return self.select(torch.empty(ctx.numel, dtype=ctx.dtype), ctx), values
+
+    def decode(self, encoded: Encoded, ctx: CodecContext) -> torch.Tensor:
+        idx, values = self.sparse_parts(encoded, ctx)
         out = torch.zeros(ctx.numel, dtype=ctx.dtype)
-        out[self.select(out, ctx)] = values
+        out[idx] = values
         return out.reshape(ctx.shape)
 
     def summable(self, encoded: Encoded, ctx: CodecContext) -> torch.Tensor:

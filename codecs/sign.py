@@ -91,5 +91,14 @@ class Sign(Codec):
         total = len(encoded) - 2 * torch.from_numpy(neg)
         return torch.sign(total).to(ctx.dtype).reshape(ctx.shape)
 
+    def aggregations(self) -> tuple[str, ...]:
+        """``scale=none`` adds ``majority_vote`` (signSGD with majority vote) before ``allgather``."""
+        return ("majority_vote", "allgather") if self.config.scale == "none" else super().aggregations()
+
+    def combine(self, mode: str, payloads: list[Encoded], ctx: CodecContext) -> torch.Tensor:
+        if mode == "majority_vote" and self.config.scale == "none":
+            return self.majority_vote(payloads, ctx)
+        return super().combine(mode, payloads, ctx)
+
     def wire_bytes(self, numel: int, dtype: torch.dtype) -> int:
         return packed_nbytes(numel, 1) + (0 if self.config.scale == "none" else 4)

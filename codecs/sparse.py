@@ -98,14 +98,18 @@ class SparseCodec(Codec):
             raise ValueError(f"Malformed {self.codec_id} payload: expected k in [0, {self.max_kept(numel)}], got {k}")
         return k
 
-    def decode(self, encoded: Encoded, ctx: CodecContext) -> torch.Tensor:
+    def sparse_parts(self, encoded: Encoded, ctx: CodecContext) -> tuple[torch.Tensor, torch.Tensor]:
+        """Validated ``(indices, values)`` of a payload (indices strictly ascending)."""
         if len(encoded.buffers) != self.n_buffers:
             raise ValueError(f"Malformed {self.codec_id} payload: expected {self.n_buffers} buffers, got {len(encoded.buffers)}")
         n = ctx.numel
         k = self.kept(encoded.header, n)
         values = from_buffer(encoded.buffers[0], ctx.dtype, k, f"{self.codec_id} values")
-        idx = unpack_indices(encoded.buffers[1], k, n, self.index_mode)
-        out = torch.zeros(n, dtype=ctx.dtype)
+        return unpack_indices(encoded.buffers[1], k, n, self.index_mode), values
+
+    def decode(self, encoded: Encoded, ctx: CodecContext) -> torch.Tensor:
+        idx, values = self.sparse_parts(encoded, ctx)
+        out = torch.zeros(ctx.numel, dtype=ctx.dtype)
         out[idx] = values
         return out.reshape(ctx.shape)
 

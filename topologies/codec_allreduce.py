@@ -1,20 +1,22 @@
-"""Compressed all-reduce: a gradient codec carried by the ring / recursive-doubling collectives.
+"""Compressed all-reduce: a gradient codec carried by any registered all-reduce algorithm.
 
-How the payloads are combined follows :func:`commlayer.codecs.aggregation_mode` and is never
-silently wrong:
+The aggregation itself is the codec protocol (:func:`commlayer.codecs.aggregate.aggregate`), run
+over :class:`CommExchange`, this module's blocking implementation of its exchange interface on one
+operation's communicator. How payloads are combined follows the codec's declared modes
+(:func:`commlayer.codecs.aggregation_mode`) and is never silently wrong:
 
 * ``allreduce`` (linear codecs: identity, fp16, bf16, randomk...): each rank encodes, the
-  codec's *summable* tensor is summed by the exact dense all-reduce (ring or recursive doubling,
-  chosen like ``topologies.dense``), and every rank decodes the sum. With ``average=True`` the
-  input is divided by the group size before encoding (no fp16 overflow).
-* ``allgather`` (every other codec): the packed payloads travel around the ring (or go directly
-  to every rank for small payloads); every rank decodes all of them and sums in rank order, so all
-  ranks hold bitwise-identical results.
+  codec's *summable* tensor is summed by the algorithm's exact all-reduce (from
+  :mod:`commlayer.topologies.registry`: ring, tree, chain, ps...), and every rank decodes the sum.
+  With ``average=True`` the input is divided by the group size before encoding (no fp16 overflow).
+* ``allgather`` (every other codec): the packed payloads travel the way the algorithm declares
+  (``gather="ring"``: around the ring; ``"direct"``: straight to every rank); every rank decodes
+  all of them and sums in rank order, so all ranks hold bitwise-identical results.
 * ``majority_vote`` (``sign:scale=none``): all-gather of the 1-bit payloads, then
   ``sign(sum of votes)`` (signSGD with majority vote); the result is the vote, for either
   ``average`` value.
-* ``powersgd``: PowerSGD's two mean all-reduces (of P and Q) over the dense all-reduce, each in its own
-  step range of the one operation (:meth:`OpComm.shifted`).
+* ``powersgd``: PowerSGD's two mean all-reduces (of P and Q) over the algorithm's all-reduce, each
+  in its own step range of the one operation (:meth:`OpComm.shifted`).
 """
 
 from __future__ import annotations
@@ -23,9 +25,10 @@ from typing import Sequence
 
 import torch
 
-from commlayer.codecs import Codec, CodecContext, Encoded, aggregation_mode, average_payloads, from_frames, powersgd_allreduce, to_frames
+from commlayer.codecs import Codec, CodecContext, Encoded, from_frames, to_frames
+from commlayer.codecs.aggregate import aggregate, done
+from commlayer.topologies import registry
 from commlayer.topologies.comm import OpComm
-from commlayer.topologies.dense import SMALL_BYTES, allreduce as dense_allreduce
 from commlayer.topologies.p2p import buf
 from commlayer.topologies.reduce_ops import ReduceOp
 from commlayer.topologies.ring import DEFAULT_CHUNK_BYTES
@@ -69,6 +72,35 @@ def allgather_encoded(comm: OpComm, enc: Encoded, algo: str = "ring", order: Seq
     return out  # type: ignore[return-value]
 
 
+class CommExchange:
+    """The codec protocol's exchange over one operation's communicator (blocking; futures come back done).
+
+    Each all-reduce runs the registered algorithm in its own step range (``PHASE`` apart), so the
+    rounds of a multi-round protocol never mix their messages.
+
+    Args:
+        comm: the operation's communicator.
+        algo: a registered algorithm (not "auto": resolve it first).
+        order: ring / chain order.
+        chunk_bytes: pipeline chunk.
+    """
+
+    def __init__(self, comm: OpComm, algo: registry.Algorithm, order: Sequence[int] | None = None,
+                 chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> None:
+        self.comm, self.algo, self.order, self.chunk_bytes = comm, algo, order, chunk_bytes
+        self.size = comm.size
+        self._calls = 0
+
+    def allreduce(self, tensor: torch.Tensor) -> torch.futures.Future:
+        sub = self.comm.shifted(self._calls * PHASE) if self._calls else self.comm
+        self._calls += 1
+        self.algo.run(sub, tensor, ReduceOp.SUM, self.order, self.chunk_bytes)
+        return done(tensor)
+
+    def allgather(self, encoded: Encoded) -> torch.futures.Future:
+        return done(allgather_encoded(self.comm, encoded, self.algo.gather, self.order))
+
+
 def _check(flat: torch.Tensor, ctx: CodecContext) -> None:
     if flat.dim() != 1 or not flat.is_contiguous():
         raise ValueError(f"Expected a 1-D contiguous tensor, got shape {tuple(flat.shape)}")
@@ -77,7 +109,7 @@ def _check(flat: torch.Tensor, ctx: CodecContext) -> None:
 
 
 def codec_allreduce(comm: OpComm, flat: torch.Tensor, codec: Codec, ctx: CodecContext, algo: str = "auto", average: bool = True,
-                    mode: str | None = None, order: Sequence[int] | None = None, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> None:
+                    mode: str | None = None, order: Sequence[int] | None = None, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> str:
     """All-reduces ``flat`` in place through ``codec``: afterwards every rank holds the same
     approximation of the mean (``average=True``) or the sum (``average=False``) over the group.
 
@@ -87,54 +119,19 @@ def codec_allreduce(comm: OpComm, flat: torch.Tensor, codec: Codec, ctx: CodecCo
         flat: 1-D contiguous floating tensor (float32/16, bfloat16, float64).
         codec: a codec, pipeline or error-feedback wrapper (stateful ones keep state per ``ctx.key``).
         ctx: describes ``flat`` (``ctx.shape`` may be the original N-D shape, e.g. for PowerSGD).
-        algo: "ring", "tree" (recursive doubling / direct all-gather) or "auto" (by the codec's
-            wire size, identical on every rank).
+        algo: a registered algorithm or "auto" (by the codec's wire size, identical on every rank).
         average: mean (True) or sum (False) semantics. Majority vote returns the vote either way.
         mode: aggregation mode (None: the codec's preferred one); an invalid mode raises ValueError.
         order: ring order (a permutation of group ranks).
         chunk_bytes: ring pipeline chunk.
 
+    Returns:
+        The algorithm used.
+
     Raises:
-        ValueError: invalid mode for the codec, or ``ctx`` not describing ``flat``.
+        ValueError: unknown algorithm, invalid mode for the codec, or ``ctx`` not describing ``flat``.
     """
     _check(flat, ctx)
-    mode = aggregation_mode(codec, mode)
-    p = comm.size
-    if algo not in ("auto", "ring", "tree"):
-        raise ValueError(f"Expected algo in ('auto', 'ring', 'tree'), got {algo!r}")
-    if algo == "auto":
-        algo = "tree" if codec.wire_bytes(max(ctx.numel, 1), ctx.dtype) < SMALL_BYTES else "ring"
-    if mode == "allreduce":
-        if average and p > 1:
-            flat.div_(p)
-        enc = codec.encode(flat.view(ctx.shape), ctx)
-        payload = codec.summable(enc, ctx).reshape(-1).contiguous().clone()
-        dense_allreduce(comm, payload, ReduceOp.SUM, algo, order, chunk_bytes)
-        flat.copy_(codec.decode(codec.from_summable(payload, ctx), ctx).reshape(-1))
-    elif mode == "powersgd":
-        calls = [0]
-
-        def mean(t: torch.Tensor) -> torch.Tensor:
-            t = t.contiguous().clone()
-            sub = comm.shifted(calls[0] * PHASE)
-            calls[0] += 1
-            dense_allreduce(sub, t, ReduceOp.SUM, algo, order, chunk_bytes)
-            return t.div_(p)
-
-        out = powersgd_allreduce(codec, [flat.view(ctx.shape)], [ctx], mean)[0]
-        flat.copy_(out.reshape(-1))
-        if not average:
-            flat.mul_(p)
-    else:
-        enc = codec.encode(flat.view(ctx.shape), ctx)
-        payloads = allgather_encoded(comm, enc, "ring" if algo == "ring" else "direct", order)
-        if mode == "majority_vote":
-            flat.copy_(average_payloads(codec, payloads, ctx, "majority_vote").reshape(-1))
-        else:
-            acc = torch.float64 if ctx.dtype == torch.float64 else torch.float32
-            total = torch.zeros(ctx.numel, dtype=acc)
-            for e in payloads:  # rank order: identical bits on every rank
-                total += codec.decode(e, ctx).reshape(-1).to(acc)
-            if average:
-                total /= p
-            flat.copy_(total)
+    a = registry.resolve(registry.validate(algo), codec.wire_bytes(max(ctx.numel, 1), ctx.dtype), comm.size)
+    aggregate(codec, flat, ctx, CommExchange(comm, a, order, chunk_bytes), mode, average).value()
+    return a.name
