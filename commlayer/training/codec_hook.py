@@ -6,29 +6,37 @@ Usage (like ``torch.distributed.algorithms.ddp_comm_hooks.powerSGD_hook``)::
     state = CodecHookState.from_spec("topk:ratio=0.01+ef", process_group=None, seed=0)
     ddp_model.register_comm_hook(state, codec_hook)
 
-How each bucket is averaged follows :func:`commlayer.codecs.aggregation_mode`:
+Each bucket is averaged by the codec aggregation protocol (:func:`commlayer.codecs.aggregate.aggregate`)
+over :class:`TorchExchange`, whose collectives are asynchronous torch.distributed calls chained with
+``Future.then`` / ``add_done_callback``; the hook itself never waits, so communication overlaps
+with the rest of backward:
 
 * linear codecs (``identity``, ``fp16``, ``bf16``, ``randomk``...): ``dist.all_reduce`` of the
-  compressed payload, asynchronous, decoded when it completes;
-* non-linear codecs: ``dist.all_gather`` of the packed payloads, then decode + average
-  (``sign:scale=none``: majority vote);
+  compressed payload, decoded when it completes;
+* non-linear codecs: ``dist.all_gather`` of the payload sizes, then of the packed payloads, then
+  decode + average (``sign:scale=none``: majority vote);
 * PowerSGD: its two mean-allreduces of ``P`` and ``Q`` per bucket, over the bucket's tensors.
 
-Error feedback (``+ef``) keeps one residual per bucket (per tensor for PowerSGD). The first
-``start_iter`` iterations run a plain allreduce because DDP rebuilds its buckets after the first
-iteration.
+Modes that need several rounds launch the later rounds from completion callbacks; so that every rank
+issues the collectives in the same order, such buckets run one after another (each starts when the
+previous bucket's aggregate is ready). Error feedback (``+ef``) keeps one residual per bucket (per
+tensor for PowerSGD). The first ``start_iter`` iterations run a plain allreduce because DDP
+rebuilds its buckets after the first iteration.
 """
 
 import logging
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
 
-from commlayer.codecs import Codec, CodecContext, aggregation_mode, average_payloads, from_spec, pack, powersgd_allreduce, unpack
+from commlayer.codecs import Codec, CodecContext, Encoded, aggregation_mode, from_spec, pack, unpack
+from commlayer.codecs.aggregate import aggregate, multi_round, then
 
 logger = logging.getLogger(__name__)
+
+Future = torch.futures.Future
 
 
 @dataclass
@@ -53,6 +61,7 @@ class CodecHookState:
     iteration: int = 0
     bytes_sent: int = 0
     _resolved: str = field(default="", repr=False)
+    _tail: Any = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         self._resolved = aggregation_mode(self.codec, self.mode)
@@ -76,28 +85,76 @@ class CodecHookState:
         self.codec.load_state_dict(state["codec"])
 
 
-def _done(tensor: torch.Tensor) -> "torch.futures.Future[torch.Tensor]":
-    fut: torch.futures.Future = torch.futures.Future()
-    fut.set_result(tensor)
-    return fut
+def _then_future(fut: Future, fn: Callable[[Any], Future], need_value: bool = True) -> Future:
+    """A future of the future ``fn(fut.value())`` returns (``then`` would nest futures).
+
+    Errors propagate; with ``need_value=False``, ``fn(None)`` runs once ``fut`` is done however it ended.
+    """
+    out: Future = torch.futures.Future()
+
+    def relay(f: Future) -> None:
+        try:
+            out.set_result(f.value())
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller's future
+            out.set_exception(exc)
+
+    def start(f: Future) -> None:
+        try:
+            nxt = fn(f.value() if need_value else None)
+        except BaseException as exc:  # noqa: BLE001
+            out.set_exception(exc)
+            return
+        nxt.add_done_callback(relay)
+
+    fut.add_done_callback(start)
+    return out
 
 
-def _allgather_bytes(blob: bytes, group: Any) -> list[bytes]:
-    world = dist.get_world_size(group)
-    size = torch.tensor([len(blob)], dtype=torch.int64)
-    sizes = [torch.zeros(1, dtype=torch.int64) for _ in range(world)]
-    dist.all_gather(sizes, size, group=group)
-    longest = int(max(s.item() for s in sizes))
-    mine = torch.zeros(longest, dtype=torch.uint8)
-    mine[: len(blob)] = torch.frombuffer(bytearray(blob), dtype=torch.uint8) if blob else mine[:0]
-    outs = [torch.empty(longest, dtype=torch.uint8) for _ in range(world)]
-    dist.all_gather(outs, mine, group=group)
-    return [o[: int(s.item())].numpy().tobytes() for o, s in zip(outs, sizes)]
+class TorchExchange:
+    """The aggregation protocol's :class:`~commlayer.codecs.aggregate.Exchange` over torch.distributed.
+
+    Every method issues asynchronous collectives and returns a future at once.
+
+    Args:
+        group: process group (None: the default group).
+        state: the hook state whose ``bytes_sent`` counts the payload bytes (optional).
+    """
+
+    def __init__(self, group: Any = None, state: CodecHookState | None = None) -> None:
+        self.group = group
+        self.size = dist.get_world_size(group)
+        self._state = state
+
+    def _count(self, nbytes: int) -> None:
+        if self._state is not None:
+            self._state.bytes_sent += nbytes
+
+    def allreduce(self, tensor: torch.Tensor) -> Future:
+        self._count(tensor.numel() * tensor.element_size())
+        fut = dist.all_reduce(tensor, group=self.group, async_op=True).get_future()
+        return then(fut, lambda v: v[0])  # type: ignore[index]
+
+    def allgather(self, encoded: Encoded) -> Future:
+        self._count(encoded.nbytes)
+        blob = pack(encoded)
+        sizes = [torch.zeros(1, dtype=torch.int64) for _ in range(self.size)]
+        first = dist.all_gather(sizes, torch.tensor([len(blob)], dtype=torch.int64), group=self.group, async_op=True).get_future()
+
+        def payloads(_: Any) -> Future:
+            longest = int(max(int(s.item()) for s in sizes))
+            mine = torch.zeros(longest, dtype=torch.uint8)
+            if blob:
+                mine[: len(blob)] = torch.frombuffer(bytearray(blob), dtype=torch.uint8)
+            outs = [torch.empty(longest, dtype=torch.uint8) for _ in range(self.size)]
+            fut = dist.all_gather(outs, mine, group=self.group, async_op=True).get_future()
+            return then(fut, lambda _v: [unpack(o[: int(s.item())].numpy().tobytes()) for o, s in zip(outs, sizes)])
+
+        return _then_future(first, payloads)
 
 
 # No ``from __future__ import annotations`` here: DDP checks these annotations at registration.
 def codec_hook(state: CodecHookState, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
-    """DDP comm hook: averages ``bucket`` across ranks through ``state.codec``.
+    """DDP comm hook: averages ``bucket`` across ranks through ``state.codec``; never blocks.
 
     Args:
         state: a :class:`CodecHookState`.
@@ -118,32 +175,20 @@ def codec_hook(state: CodecHookState, bucket: dist.GradBucket) -> torch.futures.
     key = f"b{bucket.index()}:{buf.numel()}"
     ctx = CodecContext(tuple(buf.shape), buf.dtype, key, step, state.seed)
     codec, mode = state.codec, state.resolved_mode
-
-    if mode == "powersgd":
+    parts = None
+    if multi_round(codec, mode):  # shape-aware multi-round protocol (PowerSGD): per gradient
         grads = bucket.gradients()
-        ctxs = [CodecContext(tuple(g.shape), g.dtype, f"{key}/{i}:{tuple(g.shape)}", step, state.seed) for i, g in enumerate(grads)]
+        parts = [(g, CodecContext(tuple(g.shape), g.dtype, f"{key}/{i}:{tuple(g.shape)}", step, state.seed)) for i, g in enumerate(grads)]
+    exchange = TorchExchange(group, state)
 
-        def mean(t: torch.Tensor) -> torch.Tensor:
-            state.bytes_sent += t.numel() * t.element_size()
-            dist.all_reduce(t, group=group)
-            return t.div_(world)
+    def start(_: Any = None) -> Future:
+        return aggregate(codec, buf, ctx, exchange, mode, average=True, parts=parts)
 
-        for g, out in zip(grads, powersgd_allreduce(codec, grads, ctxs, mean)):
-            g.copy_(out)
-        return _done(buf)
-
-    if mode == "allreduce":
-        # Divide first (like torch's fp16 hook) so a half-precision sum cannot overflow.
-        enc = codec.encode(buf.div_(world), ctx)
-        state.bytes_sent += enc.nbytes
-
-        def finish(f: torch.futures.Future) -> torch.Tensor:
-            return buf.copy_(codec.decode(codec.from_summable(f.value()[0], ctx), ctx))
-
-        payload = codec.summable(enc, ctx)
-        return dist.all_reduce(payload, group=group, async_op=True).get_future().then(finish)
-    enc = codec.encode(buf, ctx)
-    state.bytes_sent += enc.nbytes
-    payloads = [unpack(b) for b in _allgather_bytes(pack(enc), group)]
-    buf.copy_(average_payloads(codec, payloads, ctx, mode))
-    return _done(buf)
+    if mode == "allreduce":  # one collective, issued here in bucket order
+        return start()
+    # Later rounds are issued from callbacks: start this bucket once the previous one is done, so
+    # the order of collectives is the same on every rank.
+    prev = state._tail
+    fut = start() if prev is None or prev.done() else _then_future(prev, start, need_value=False)
+    state._tail = fut
+    return fut
