@@ -278,40 +278,27 @@ class Codec(abc.ABC):
             total += p
         return self.from_summable(total.to(parts[0].dtype), ctx)
 
-    # --- aggregation (how a topology may combine the payloads of several workers) --------
+    # --- aggregation (how payloads of several workers combine; commlayer.codecs.aggregate) --
     def aggregations(self) -> tuple[str, ...]:
-        """Valid aggregation modes for this codec, preferred first (see :mod:`commlayer.codecs.aggregate`).
+        """Valid modes, preferred first: ``allreduce`` (sum :meth:`summable`) if linear, then ``allgather``.
 
-        ``"allreduce"`` (sum :meth:`summable` payloads) for linear codecs, then ``"allgather"``
-        (decode every payload and sum), valid for every codec. A codec with an aggregation of its
-        own adds its mode here and implements :meth:`combine` (one-shot, over gathered payloads)
-        or :meth:`rounds` (a multi-round protocol).
+        A codec with an aggregation of its own adds its mode and implements :meth:`combine`
+        (one-shot, over the gathered payloads) or :meth:`rounds` (a multi-round protocol).
         """
         return ("allreduce", "allgather") if self.linear else ("allgather",)
 
     def combine(self, mode: str, payloads: list[Encoded], ctx: CodecContext) -> torch.Tensor:
-        """The aggregate of every worker's payload (rank order) for a one-shot mode of the codec's own.
-
-        Raises:
-            ValueError: ``mode`` is not one of this codec's own one-shot modes.
-        """
+        """Aggregate of every worker's payload (rank order) for a one-shot mode of the codec's own."""
         raise ValueError(f"Expected a one-shot aggregation mode of {self!r}, got {mode!r}")
 
     def rounds(self, mode: str, tensors: list[torch.Tensor], ctxs: list[CodecContext],
                outer: "Codec | None" = None) -> "Generator[torch.Tensor, torch.Tensor, list[torch.Tensor]] | None":
-        """A multi-round mode's protocol as a generator, or None for one-shot modes.
-
-        The generator yields 1-D tensors whose element-wise mean over workers it needs, is sent
-        each mean, and returns the aggregated ``tensors`` (their shapes and dtypes). ``outer`` is
-        a wrapper around this codec (error feedback) whose state the protocol must use.
-        """
+        """A multi-round mode as a generator (yields 1-D tensors, is sent their mean over workers, returns
+        the aggregated ``tensors``), or None. ``outer``: a wrapper (error feedback) whose state to use."""
         return None
 
     def sparse_parts(self, encoded: Encoded, ctx: CodecContext) -> "tuple[torch.Tensor, torch.Tensor] | None":
-        """Sparse payloads: ``(indices, values)`` with ``decode == zeros.index_put(indices, values)``; else None.
-
-        Lets an aggregator add p payloads into one buffer with ``index_add_`` instead of p dense decodes.
-        """
+        """``(indices, values)`` of a sparse payload (decode = zeros with values at indices), else None."""
         return None
 
     # --- state (stateful codecs override) ------------------------------------------------

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from commlayer.codecs import Codec, CodecContext, from_frames, to_frames
+from commlayer.codecs import Codec, CodecContext, Encoded, from_frames, to_frames
 from commlayer.topologies.comm import frame_tensor, tensor_bytes, wire_dtype
 from commlayer.topologies.p2p import buf
 from commlayer.transport.errors import CommError
@@ -34,7 +34,7 @@ def codec_frames(codec: Codec | None, t: torch.Tensor, ctx: CodecContext | None)
     return [header, *buffers], {"dt": wire_dtype(t.dtype)}
 
 
-def encoded_of(m: Message):  # noqa: ANN201 - an Encoded
+def encoded_of(m: Message) -> Encoded:
     """The codec payload a message carries."""
     return from_frames(buf(m.frames[0]), [buf(f) for f in m.frames[1:]])
 
