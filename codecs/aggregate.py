@@ -25,16 +25,13 @@ from typing import Callable, Generator, Protocol
 
 import torch
 
-from commlayer.codecs.base import Codec, CodecContext, Encoded
+from commlayer.codecs.base import Codec, CodecContext, Encoded, acc_dtype
 
 MODES = ("allreduce", "allgather", "majority_vote", "powersgd")
+__all__ = ["MODES", "Exchange", "acc_dtype", "aggregate", "aggregation_mode", "average_payloads", "combine", "done", "drive",
+           "multi_round", "sum_decoded", "then", "valid_aggregations"]
 
 Future = torch.futures.Future
-
-
-def acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype sums of ``dtype`` tensors accumulate in: float64 for float64, float32 otherwise."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def valid_aggregations(codec: Codec) -> tuple[str, ...]:

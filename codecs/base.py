@@ -92,6 +92,11 @@ class Encoded:
         return sum(memoryview(b).nbytes for b in self.buffers)
 
 
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype sums of ``dtype`` tensors accumulate in: float64 for float64, float32 otherwise."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def stable_hash(*parts: object) -> int:
     """64-bit hash of ``parts`` that is identical in every process (unlike ``hash``)."""
     h = hashlib.blake2b("\x1f".join(str(p) for p in parts).encode(), digest_size=8)
@@ -270,8 +275,7 @@ class Codec(abc.ABC):
         if not encoded:
             raise ValueError("Expected at least one payload to sum, got none")
         parts = [self.summable(e, ctx) for e in encoded]
-        acc_dtype = torch.float64 if parts[0].dtype == torch.float64 else torch.float32
-        total = torch.zeros(parts[0].shape, dtype=acc_dtype)
+        total = torch.zeros(parts[0].shape, dtype=acc_dtype(parts[0].dtype))
         for p in parts:
             if p.shape != total.shape:
                 raise ValueError(f"Expected payloads of {tuple(total.shape)} elements, got {tuple(p.shape)}")

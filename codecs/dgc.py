@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from commlayer.codecs.base import CodecContext, Encoded, as_array, chunks, torch_generator, validate_config_types
+from commlayer.codecs.base import CodecContext, Encoded, acc_dtype, as_array, chunks, torch_generator, validate_config_types
 from commlayer.codecs.registry import register_codec
 from commlayer.codecs.sparse import SparseCodec, check_index_mode, pack_indices, ratio_k
 
@@ -93,7 +93,7 @@ class DGC(SparseCodec):
 
     def encode(self, tensor: torch.Tensor, ctx: CodecContext) -> Encoded:
         c = self.config
-        acc = torch.float64 if ctx.dtype == torch.float64 else torch.float32
+        acc = acc_dtype(ctx.dtype)
         g = tensor.detach().reshape(-1).to(acc)
         if c.clip > 0:
             bound = c.clip / math.sqrt(c.world)

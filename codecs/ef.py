@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from commlayer.codecs.base import Codec, CodecContext, Encoded
+from commlayer.codecs.base import Codec, CodecContext, Encoded, acc_dtype
 
 logger = logging.getLogger(__name__)
 
@@ -56,7 +56,7 @@ class ErrorFeedback(Codec):
 
     @staticmethod
     def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-        return torch.float64 if dtype == torch.float64 else torch.float32
+        return acc_dtype(dtype)
 
     def compensate(self, tensor: torch.Tensor, key: str) -> torch.Tensor:
         """``tensor + residual[key]`` in the accumulation dtype (a new tensor)."""

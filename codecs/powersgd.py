@@ -19,13 +19,14 @@ sends one worker's own ``P^, Q``; such payloads are not linear and must be all-g
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Any, Callable, Generator
 
 import torch
 
-from commlayer.codecs.base import Codec, CodecContext, Encoded, as_array, from_buffer, torch_generator, validate_config_types
+from commlayer.codecs.base import Codec, CodecContext, Encoded, acc_dtype, as_array, from_buffer, torch_generator, validate_config_types
 from commlayer.codecs.registry import register_codec
 
 
@@ -88,8 +89,6 @@ class PowerSGD(Codec):
         return (n, m, r) if (n + m) * r < n * m else None
 
     def _acc(self, ctx: CodecContext) -> torch.dtype:
-        from commlayer.codecs.aggregate import acc_dtype
-
         return acc_dtype(ctx.dtype)
 
     def aggregations(self) -> tuple[str, ...]:
@@ -178,7 +177,6 @@ def powersgd_rounds(codec: Codec, tensors: list[torch.Tensor],
     Any driver can run it: :func:`powersgd_allreduce` (a blocking mean callable),
     :func:`commlayer.codecs.aggregate.aggregate` (future-chained, e.g. in a DDP hook).
     """
-    from commlayer.codecs.aggregate import acc_dtype
     from commlayer.codecs.ef import ErrorFeedback
 
     ef = codec if isinstance(codec, ErrorFeedback) else None
@@ -189,7 +187,7 @@ def powersgd_rounds(codec: Codec, tensors: list[torch.Tensor],
     raw = [i for i, c in enumerate(ctxs) if not ps.matrix_shape(c.shape)]
     mats = {i: ef.compensate(tensors[i], ctxs[i].key) if ef else tensors[i].detach().to(acc_dtype(ctxs[i].dtype)) for i in comp}
     ps_ = {i: ps.compute_p(mats[i], ctxs[i]) for i in comp}
-    acc = torch.float64 if any(c.dtype == torch.float64 for c in ctxs) else torch.float32
+    acc = functools.reduce(torch.promote_types, (acc_dtype(c.dtype) for c in ctxs), torch.float32)  # the widest over tensors
     flat = torch.cat([ps_[i].reshape(-1).to(acc) for i in comp] + [tensors[i].detach().reshape(-1).to(acc) for i in raw]) if tensors else torch.zeros(0)
     avg = yield flat
     out: list[torch.Tensor | None] = [None] * len(tensors)

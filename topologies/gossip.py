@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from commlayer.codecs import Codec, CodecContext, from_frames, to_frames
+from commlayer.codecs.base import acc_dtype as accumulator
 from commlayer.topologies.base import Guarantee, Topology
 from commlayer.topologies.comm import Group, frame_tensor, tensor_bytes, wire_dtype
 from commlayer.topologies.graphs import Graph, contraction, make_graph
@@ -181,7 +182,7 @@ class Gossip(Topology):
     def _plain(self, x: torch.Tensor, key: str, t: int, st: _KeyState, outs: list[int], ins: list[int], w: np.ndarray) -> None:
         snap = x.clone()
         self._send(outs, t, key, [tensor_bytes(snap)] if x.numel() else [], {}, wire_dtype(x.dtype), (x.numel(),))
-        acc_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+        acc_dtype = accumulator(x.dtype)
         acc = snap.to(acc_dtype) * float(w[self.rank])
         for j in ins:
             if self.mode == "sync":
@@ -197,7 +198,7 @@ class Gossip(Topology):
 
     def _push_sum(self, x: torch.Tensor, key: str, t: int, st: _KeyState, outs: list[int], ins: list[int]) -> None:
         share = 1.0 / (len(outs) + 1)
-        acc_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+        acc_dtype = accumulator(x.dtype)
         mass = x.to(acc_dtype) * (st.weight * share)
         wmass = st.weight * share
         snap = mass.to(x.dtype).contiguous()
