@@ -28,7 +28,7 @@ import torch
 from commlayer.codecs.base import Codec, CodecContext, Encoded, acc_dtype
 
 MODES = ("allreduce", "allgather", "majority_vote", "powersgd")
-__all__ = ["MODES", "Exchange", "acc_dtype", "aggregate", "aggregation_mode", "average_payloads", "combine", "done", "drive",
+__all__ = ["MODES", "Exchange", "acc_dtype", "aggregate", "aggregation_mode", "average_payloads", "combine", "done", "drive", "gathered_mode",
            "multi_round", "sum_decoded", "then", "valid_aggregations"]
 
 Future = torch.futures.Future
@@ -68,6 +68,15 @@ def multi_round(codec: Codec, mode: str) -> bool:
         return False
     gen.close()  # never started: nothing ran
     return True
+
+
+def gathered_mode(codec: Codec) -> str:
+    """The codec's preferred mode among those that combine gathered payloads (a server holding every
+    worker's payload): its own one-shot mode (majority vote), else ``allgather``."""
+    for mode in valid_aggregations(codec):
+        if mode != "allreduce" and not multi_round(codec, mode):
+            return mode
+    return "allgather"
 
 
 def sum_decoded(codec: Codec, payloads: list[Encoded], ctx: CodecContext) -> torch.Tensor:

@@ -259,3 +259,26 @@ def test_hook_returns_its_future_before_the_collective_completes(spec: str) -> N
             np.testing.assert_allclose(e0["output"], ref / 2, rtol=1e-6, atol=1e-7)
         elif spec.startswith("sign"):
             assert np.array_equal(e0["output"], np.sign(np.sign(e0["input"]) + np.sign(e1["input"])))
+
+
+# ---- the parameter server's sync optimizer aggregates a clock through the same protocol ------------
+def test_ps_sync_step_aggregates_payloads_like_numpy() -> None:
+    from commlayer.topologies.ps_optimizer import Shard
+
+    n = 50
+    xs = _inputs(3, (n,), 6)
+    ctx = CodecContext((n,), torch.float32, "grad/0", 0, 0)
+    for spec, ref in (("sign:scale=none", np.sign(np.sign(np.stack([x.numpy() for x in xs])).sum(0))),
+                      ("topk:ratio=0.2", None)):
+        sh = Shard("sync")
+        sh.init(torch.zeros(n), "sgd", 1.0, {})
+        for w, x in enumerate(xs):
+            sh.on_grad(w, 0, (spec, from_spec(spec), from_spec(spec).encode(x, ctx), ctx))
+        sh.sync_steps([0, 1, 2])
+        assert sh.version == 1
+        if ref is None:  # mean of each worker's top-20 %
+            ref = np.zeros(n)
+            for x in xs:
+                idx = np.argsort(-np.abs(x.numpy()), kind="stable")[:10]
+                ref[idx] += x.numpy()[idx] / 3
+        np.testing.assert_allclose(sh.params.detach().numpy(), -ref, rtol=1e-6, atol=1e-7)  # one SGD step, lr 1

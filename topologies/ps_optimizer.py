@@ -13,10 +13,14 @@ from typing import Any
 
 import torch
 
-from commlayer.codecs.aggregate import acc_dtype
+from commlayer.codecs import Codec, CodecContext, Encoded
+from commlayer.codecs.aggregate import acc_dtype, combine, gathered_mode
 from commlayer.transport.errors import CommError
 
 MODES = ("sync", "async")
+
+#: A sync-mode push kept encoded until its clock is complete: (uplink spec, codec, payload, context).
+Payload = tuple[str, Codec, Encoded, CodecContext]
 OPTIMIZERS = ("sgd", "adam")
 
 
@@ -34,8 +38,7 @@ class Shard:
         self.opt: torch.optim.Optimizer | None = None
         self.clock: dict[int, int] = defaultdict(int)         # updates received per worker
         self.version = 0                                       # sync: optimizer steps taken
-        self.sync_buf: dict[int, dict[int, torch.Tensor]] = defaultdict(dict)
-        self.sync_vote: dict[int, bool] = {}                   # clock -> aggregate by majority vote
+        self.sync_buf: dict[int, dict[int, torch.Tensor | Payload]] = defaultdict(dict)
         self.applied: dict[tuple[int, int], int] = defaultdict(int)
         self.out_of_order = 0
         self.max_staleness = 0
@@ -55,19 +58,32 @@ class Shard:
         self.opt.step()
         self.params.grad = None
 
-    def on_grad(self, w: int, c: int, grad: torch.Tensor, vote: bool) -> None:
-        """Worker ``w``'s gradient of clock ``c`` (``vote``: aggregate that clock by majority vote)."""
+    def on_grad(self, w: int, c: int, grad: "torch.Tensor | Payload") -> None:
+        """Worker ``w``'s gradient of clock ``c``: a tensor, or (sync mode) its still-encoded payload."""
         if self.params is None:
             raise CommError(f"parameter server: rank {w} pushed a gradient before init()")
         if c != self.clock[w]:
             self.out_of_order += 1
         self.clock[w] = max(self.clock[w], c + 1)
         if self.mode == "async":
+            assert isinstance(grad, torch.Tensor)
             self.apply(grad)
             self.applied[(w, c)] += 1
         else:
             self.sync_buf[c][w] = grad
-            self.sync_vote[c] = vote
+
+    @staticmethod
+    def _aggregate(grads: list["torch.Tensor | Payload"]) -> torch.Tensor:
+        """Mean of one clock's gradients; payloads of one codec go through its gathered aggregation
+        (:func:`commlayer.codecs.aggregate.combine`: decode and average, or majority vote)."""
+        if grads and all(isinstance(g, tuple) for g in grads) and len({g[0] for g in grads}) == 1:  # type: ignore[index]
+            _, codec, _, ctx = grads[0]  # type: ignore[misc]
+            return combine(codec, gathered_mode(codec), [g[2] for g in grads], ctx, average=True)  # type: ignore[index]
+        dense = [g if isinstance(g, torch.Tensor) else g[1].decode(g[2], g[3]).reshape(-1) for g in grads]
+        acc = torch.zeros_like(dense[0], dtype=acc_dtype(dense[0].dtype))
+        for x in dense:
+            acc += x
+        return acc / len(dense)
 
     def sync_steps(self, live: list[int]) -> None:
         """Sync mode: one optimizer step per clock that every live worker has pushed."""
@@ -76,15 +92,7 @@ class Shard:
             ws = sorted(got)
             if not ws or not all(w in got for w in live):
                 break
-            grads = [got[w] for w in ws]
-            if self.sync_vote.pop(self.version, False):
-                g = torch.sign(torch.stack(grads).sum(0))
-            else:
-                acc = torch.zeros_like(grads[0], dtype=acc_dtype(grads[0].dtype))
-                for x in grads:
-                    acc += x
-                g = acc / len(grads)
-            self.apply(g)
+            self.apply(self._aggregate([got[w] for w in ws]))
             for w in ws:
                 self.applied[(w, self.version)] += 1
             del self.sync_buf[self.version]

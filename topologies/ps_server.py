@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from commlayer.codecs import Codec, aggregation_mode, from_spec, to_spec
+from commlayer.codecs import Codec, from_spec, to_spec
 from commlayer.codecs.aggregate import combine
 from commlayer.topologies.comm import _TORCH_DTYPES
 from commlayer.topologies.p2p import Inbox, buf
@@ -107,9 +107,13 @@ class ShardServer:
             sh = self.shards[s]
             if sh.params is None:
                 raise CommError(f"parameter server: rank {w} pushed a gradient before init()")
-            codec = self._codec(meta.get("up", ""))
-            grad = decode(codec, m, sh.params.dtype, n, self._ctx(n, sh.params.dtype, f"grad/{s}", c))
-            sh.on_grad(w, c, grad, codec is not None and aggregation_mode(codec) == "majority_vote")
+            spec = meta.get("up", "")
+            codec = self._codec(spec)
+            ctx = self._ctx(n, sh.params.dtype, f"grad/{s}", c)
+            if codec is not None and ctx is not None and sh.mode == "sync":  # aggregated encoded, with the clock's others
+                sh.on_grad(w, c, (spec, codec, encoded_of(m), ctx))
+            else:
+                sh.on_grad(w, c, decode(codec, m, sh.params.dtype, n, ctx))
         elif kind == "pull":
             self.shards[int(meta["s"])].pending.append((w, int(meta["c"])))
 
