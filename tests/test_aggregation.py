@@ -5,12 +5,14 @@ payloads summed with index_add_ against dense decodes, and the torch.distributed
 from __future__ import annotations
 
 import time
+from typing import Callable
 
 import numpy as np
 import pytest
 import torch
 
-from commlayer.codecs import CodecContext, Encoded, from_spec
+from commlayer.codecs import Codec, CodecContext, Encoded, from_spec
+from commlayer.codecs.base import as_array, from_buffer
 from commlayer.codecs.aggregate import acc_dtype, aggregate, average_payloads, sum_decoded, valid_aggregations
 from commlayer.codecs.base import torch_generator
 from multiproc import run_world
@@ -69,13 +71,13 @@ def _inputs(p: int, shape: tuple[int, ...], seed: int = 0) -> list[torch.Tensor]
     return [torch.from_numpy(rng.standard_normal(shape).astype(np.float32)) for _ in range(p)]
 
 
-def _run(spec: str, xs: list[torch.Tensor], mode: str | None = None, average: bool = True, shape: tuple[int, ...] | None = None,
-         ) -> list[torch.Tensor]:
+def _run(spec: "str | Callable[[], Codec]", xs: list[torch.Tensor], mode: str | None = None, average: bool = True,
+         shape: tuple[int, ...] | None = None) -> list[torch.Tensor]:
     p = len(xs)
     rv = _Rendezvous(p)
     futs, flats = [], []
     for r, x in enumerate(xs):
-        codec = from_spec(spec)  # each rank its own instance (its own state)
+        codec = from_spec(spec) if isinstance(spec, str) else spec()  # each rank its own instance (its own state)
         flat = x.reshape(-1).clone()
         ctx = CodecContext(shape or (flat.numel(),), torch.float32, "k", 3, 11)
         futs.append(aggregate(codec, flat, ctx, rv.exchange(r), mode, average))
@@ -188,6 +190,53 @@ def test_reference_and_protocol_agree_on_every_valid_one_shot_mode() -> None:
             out = _run(spec, xs, mode)[0]
             tol = 2e-3 if "fp16" in spec else 1e-5
             assert torch.allclose(out, ref, rtol=tol, atol=tol), (spec, mode, float((out - ref).abs().max()))
+
+
+class _MedianCodec(Codec):
+    """A codec that brings its own aggregations, written in this one class: a one-shot coordinate-wise
+    median of the gathered payloads, and a two-round "mean then re-centre" protocol."""
+
+    codec_id = "test_median"
+
+    def encode(self, tensor: torch.Tensor, ctx: CodecContext) -> Encoded:
+        return Encoded({}, [as_array(tensor.detach().reshape(-1).to(torch.float32))])
+
+    def decode(self, encoded: Encoded, ctx: CodecContext) -> torch.Tensor:
+        return from_buffer(encoded.buffers[0], torch.float32, ctx.numel, "median").to(ctx.dtype).reshape(ctx.shape)
+
+    def wire_bytes(self, numel: int, dtype: torch.dtype) -> int:
+        return 4 * numel
+
+    def aggregations(self) -> tuple[str, ...]:
+        return ("median", "twice", "allgather")
+
+    def combine(self, mode: str, payloads: list[Encoded], ctx: CodecContext) -> torch.Tensor:
+        if mode != "median":
+            return super().combine(mode, payloads, ctx)
+        return torch.stack([self.decode(e, ctx).reshape(-1) for e in payloads]).median(0).values
+
+    def rounds(self, mode, tensors, ctxs, outer=None):  # type: ignore[no-untyped-def]
+        if mode != "twice":
+            return None
+
+        def gen():  # type: ignore[no-untyped-def]
+            mean = yield tensors[0].reshape(-1).to(torch.float32)
+            spread = yield (tensors[0].reshape(-1) - mean).abs()  # mean absolute deviation, a second round
+            return [mean + spread]
+        return gen()
+
+
+@pytest.mark.parametrize("p", [1, 3, 4])
+def test_a_codec_with_its_own_aggregations_needs_no_other_edit(p: int) -> None:
+    xs = _inputs(p, (40,), 7)
+    stack = np.stack([x.numpy() for x in xs])
+    for out in _run(_MedianCodec, xs, "median"):
+        np.testing.assert_array_equal(out.numpy(), torch.from_numpy(stack).median(0).values.numpy())
+    mean = stack.astype(np.float64).mean(0)
+    for out in _run(_MedianCodec, xs, "twice"):
+        np.testing.assert_allclose(out.numpy(), mean + np.abs(stack - mean).mean(0), rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="not valid for codec.*valid: median, twice, allgather"):
+        _run(_MedianCodec, xs, "majority_vote")
 
 
 def test_invalid_mode_lists_the_valid_ones() -> None:
