@@ -28,5 +28,6 @@ def allreduce(comm: OpComm, flat: torch.Tensor, op: ReduceOp, algo: str = "auto"
             "auto" (by size).
     """
     a = registry.resolve(algo, flat.numel() * flat.element_size(), comm.size)
+    a.check(comm.size, flat.dtype, op)
     a.run(comm, flat, op, order, chunk_bytes)
     return a.name
