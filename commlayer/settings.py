@@ -68,21 +68,44 @@ SETTINGS: dict[str, Setting] = {
         Setting("COMMLAYER_PORT", int, 0, "transport", "TCP port this rank listens on (0 = any free port)"),
         Setting("COMMLAYER_HOST", str, "", "transport", "address this rank listens on (default: the interface routing to MASTER_ADDR)"),
         Setting("COMMLAYER_IPC", bool, True, "transport", "use ipc:// (and shared memory) for peers on the same machine"),
-        Setting("COMMLAYER_TIMEOUT", float, 1800.0, "transport", "default seconds for any wait when no process-group timeout is given"),
-        Setting("COMMLAYER_HEARTBEAT", float, 2.0, "transport", "seconds between heartbeats"),
+        Setting("COMMLAYER_IPC_DIR", str, "/tmp", "transport", "directory of the ipc:// socket files"),
+        Setting("COMMLAYER_TIMEOUT", float, 1800.0, "transport", "default seconds for any wait when no process-group timeout is given (`World.from_env`: 300 when unset)"),
+        Setting("COMMLAYER_HEARTBEAT", float, 2.0, "transport", "seconds between heartbeats; a silent peer is declared dead after about two"),
         Setting("COMMLAYER_LINGER", float, 2.0, "transport", "seconds to flush outgoing messages at shutdown"),
         Setting("COMMLAYER_MAILBOX_BYTES", int, 4 << 30, "transport", "bound on bytes buffered for operations not started yet"),
         Setting("COMMLAYER_MAILBOX_MESSAGES", int, 1 << 20, "transport", "bound on messages buffered for operations not started yet"),
         Setting("COMMLAYER_SOCKBUF", int, 0, "transport", "kernel socket buffer size in bytes (0 = OS default)"),
         Setting("COMMLAYER_SHM", bool, True, "transport", "shared-memory rings for co-located peers"),
         Setting("COMMLAYER_SHM_BYTES", int, 32 << 20, "transport", "size of each shared-memory ring"),
+        Setting("COMMLAYER_CONNECT_OVERRIDES", str, "", "transport", "JSON {peer rank: endpoint} dialled instead of the peer's own (the WAN emulator's relays)"),
+        Setting("COMMLAYER_SECRET", str, "", "transport", "job secret (>= 16 characters, same on every rank): CurveZMQ encryption + authentication of every peer"),
+        Setting("COMMLAYER_SECRET_FILE", str, "", "transport", "file holding the job secret (instead of COMMLAYER_SECRET)"),
+        Setting("COMMLAYER_CURVE_SECRET_FILE", str, "", "transport", "this rank's CurveZMQ certificate (zmq.auth.create_certificates) instead of a job secret"),
+        Setting("COMMLAYER_CURVE_PUBLIC_DIR", str, "", "transport", "directory of the allowed public certificates (with COMMLAYER_CURVE_SECRET_FILE)"),
         # per group
         Setting("COMMLAYER_ALGO", str, "auto", "group", "all_reduce algorithm: auto, ring, tree, ps"),
-        Setting("COMMLAYER_CODEC", str, "", "group", "codec spec for float all_reduce SUM/AVG (empty = exact)"),
+        Setting("COMMLAYER_CODEC", str, "", "group", "codec spec for float all_reduce SUM/AVG, e.g. `topk:ratio=0.01+ef` (empty = exact)"),
         Setting("COMMLAYER_CODEC_MIN_BYTES", int, 64 * 1024, "group", "tensors below this size stay exact"),
         Setting("COMMLAYER_CHUNK_BYTES", int, 1 << 20, "group", "ring pipeline chunk in bytes"),
         Setting("COMMLAYER_RING_ORDER", str, "", "group", "ring order, comma-separated group ranks (empty = identity)"),
+        Setting("COMMLAYER_PS_SERVERS", int, 1, "group", "parameter-server shards of `COMMLAYER_ALGO=ps` (at most the group size)"),
+        Setting("COMMLAYER_SMALL_BYTES", int, 64 * 1024, "group", "`auto`: tree below this many bytes, ring above (read when commlayer.topologies is imported)"),
+        # adaptation
+        Setting("COMMLAYER_ADAPT", str, "auto", "adapt", "link probing + planner: auto = when some peer is remote, 1 = always, 0 = never"),
+        Setting("COMMLAYER_METRICS", str, "", "adapt", "JSON-lines file for the controller's measurements and decisions"),
+        # tools (CLI, demo, emulator, tests)
+        Setting("COMMLAYER_LOG", str, "WARNING", "tools", "log level of the demo's ranks"),
+        Setting("COMMLAYER_WAN_LINKS", str, "", "tools", "set by the WAN emulator for each rank: the emulated link matrix's name (informational)"),
+        Setting("COMMLAYER_REGEN_GOLDEN", bool, False, "tools", "tests: rewrite tests/golden/*.bin instead of comparing with them"),
     )
+}
+
+#: Variables the library reads that are not commlayer's own (torchrun's contract), and who reads them.
+EXTERNAL: dict[str, str] = {
+    "MASTER_ADDR": "transport/endpoints.py (route towards it), adapt/session.py, topologies/world.py",
+    "MASTER_PORT": "transport/endpoints.py, adapt/session.py, topologies/world.py",
+    "RANK": "topologies/world.py (World.from_env)",
+    "WORLD_SIZE": "topologies/world.py (World.from_env)",
 }
 
 
@@ -114,13 +137,24 @@ def is_set(name: str, environ: Mapping[str, str] | None = None) -> bool:
     return bool((os.environ if environ is None else environ).get(name))
 
 
+def _show(default: Any) -> str:
+    if default in ("", None):
+        return "unset"
+    if isinstance(default, bool):
+        return "`1`" if default else "`0`"
+    if isinstance(default, int) and default >= 1024 and default & (default - 1) == 0:
+        unit = next(u for i, u in ((30, "GiB"), (20, "MiB"), (10, "KiB")) if default >= 1 << i)
+        shift = {"GiB": 30, "MiB": 20, "KiB": 10}[unit]
+        return f"`{default}` ({default >> shift} {unit})"
+    return f"`{default}`"
+
+
 def markdown(scope: str | None = None) -> str:
     """The settings table as Markdown (the README/docs tables are generated from this)."""
     rows = ["| variable | default | scope | meaning |", "|---|---|---|---|"]
     for s in SETTINGS.values():
         if scope is None or s.scope == scope:
-            default = "unset" if s.default in ("", None) else f"`{s.default}`"
-            rows.append(f"| `{s.name}` | {default} | {s.scope} | {s.doc} |")
+            rows.append(f"| `{s.name}` | {_show(s.default)} | {s.scope} | {s.doc} |")
     return "\n".join(rows)
 
 

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import os
 from typing import Sequence
 
 import torch
 
+from commlayer import settings
 from commlayer.topologies.comm import OpComm
 from commlayer.topologies.recursive_doubling import recursive_doubling_allreduce
 from commlayer.topologies.reduce_ops import ReduceOp
@@ -14,7 +14,7 @@ from commlayer.topologies.ring import DEFAULT_CHUNK_BYTES, ring_allreduce
 
 ALGORITHMS = ("auto", "ring", "tree", "ps")
 # Below this many bytes the latency of 2(p-1) ring hops outweighs the ring's bandwidth advantage.
-SMALL_BYTES = int(os.environ.get("COMMLAYER_SMALL_BYTES", 64 * 1024))
+SMALL_BYTES = settings.get("COMMLAYER_SMALL_BYTES")
 
 
 def choose_algorithm(nbytes: int, size: int) -> str:

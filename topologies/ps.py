@@ -22,13 +22,13 @@ Two uses:
 from __future__ import annotations
 
 import logging
-import os
 import threading
 from collections import defaultdict
 from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
 
+from commlayer import settings
 from commlayer.codecs import Codec, CodecContext, aggregation_mode, from_frames, from_spec, to_frames, to_spec
 from commlayer.topologies.base import Guarantee, Topology
 from commlayer.topologies.comm import Group, OpComm, frame_tensor, tensor_bytes, wire_dtype, _TORCH_DTYPES
@@ -51,7 +51,7 @@ _AGG, _PULL = 1, 2  # reply kinds (the reply's step)
 
 
 def default_servers(size: int) -> int:
-    return max(1, min(size, int(os.environ.get("COMMLAYER_PS_SERVERS", "1"))))
+    return max(1, min(size, settings.get("COMMLAYER_PS_SERVERS")))
 
 
 def ps_allreduce(comm: OpComm, flat: torch.Tensor, op: ReduceOp, servers: int | None = None) -> None:

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 import time
 from datetime import timedelta
@@ -25,6 +24,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from commlayer import settings
 from commlayer.demo.configs import RunConfig, parse_config
 from commlayer.demo.task import Shard, TaskConfig, evaluate, make_data, make_model
 
@@ -149,5 +149,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    logging.basicConfig(level=os.environ.get("COMMLAYER_LOG", "WARNING"))
+    logging.basicConfig(level=settings.get("COMMLAYER_LOG"))
     sys.exit(main())
