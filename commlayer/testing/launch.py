@@ -101,17 +101,17 @@ class Ranks:
     def start(self) -> Ranks:
         # Spawned children import torch before _child runs, so thread settings must be in the
         # environment they inherit (torchrun likewise sets OMP_NUM_THREADS=1 for its workers).
-        saved = {k: os.environ.get(k) for k in self.env}
+        saved = dict(os.environ)
         os.environ.update(self.env)
         try:
             for p in self.procs:
                 p.start()
         finally:
-            for k, v in saved.items():
-                if v is None:
-                    os.environ.pop(k, None)
+            for k in self.env:
+                if k in saved:
+                    os.environ[k] = saved[k]
                 else:
-                    os.environ[k] = v
+                    os.environ.pop(k, None)
         return self
 
     def __enter__(self) -> Ranks:
