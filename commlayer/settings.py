@@ -86,7 +86,8 @@ SETTINGS: dict[str, Setting] = {
         Setting("COMMLAYER_CURVE_SECRET_FILE", str, "", "transport", "this rank's CurveZMQ certificate (zmq.auth.create_certificates) instead of a job secret"),
         Setting("COMMLAYER_CURVE_PUBLIC_DIR", str, "", "transport", "directory of the allowed public certificates (with COMMLAYER_CURVE_SECRET_FILE)"),
         # per group
-        Setting("COMMLAYER_ALGO", str, "auto", "group", "all_reduce algorithm: `auto` (measured links + cost model on a default group of 3+ ranks whose peers are reached over the network; size rule otherwise), `ring`, `tree`, `ps`", readme=True),
+        Setting("COMMLAYER_ALGO", str, "auto", "group", "all_reduce algorithm: `auto` (measured links + cost model on a default group "
+                "of 3+ ranks whose peers are reached over the network; size rule otherwise), `ring`, `tree`, `ps`", readme=True),
         Setting("COMMLAYER_CODEC", str, "", "group", "codec spec for float all_reduce SUM/AVG, e.g. `topk:ratio=0.01+ef` (empty = exact)", readme=True),
         Setting("COMMLAYER_CODEC_MIN_BYTES", int, 64 * 1024, "group", "tensors below this size stay exact", readme=True),
         Setting("COMMLAYER_CHUNK_BYTES", int, 1 << 20, "group", "ring pipeline chunk in bytes", readme=True),

@@ -24,7 +24,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
-import time
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 

@@ -60,7 +60,7 @@ def _build(cfg: RunConfig, task: TaskConfig, groups: dict[str, Any]) -> tuple[nn
         ddp.register_comm_hook(state, psgd.powerSGD_hook)
     elif cfg.method == "hook":
         from commlayer.hooks import CodecHookState, codec_hook
-        state = CodecHookState.from_spec(cfg.arg, process_group=group, seed=task.seed)
+        state = CodecHookState.from_spec(cfg.arg, process_group=group, seed=task.seed)  # type: ignore[assignment]
         ddp.register_comm_hook(state, codec_hook)
     return ddp, model, None, state
 

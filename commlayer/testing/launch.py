@@ -90,7 +90,7 @@ class Ranks:
                  quiet: bool = False) -> None:
         if envs is not None and len(envs) != world:
             raise ValueError(f"envs: expected one environment per rank ({world}), got {len(envs)}")
-        ctx = mp.get_context(context) if isinstance(context, str) else context
+        ctx: Any = mp.get_context(context) if isinstance(context, str) else context
         self.world = world
         self.q = ctx.Queue()
         self.env = {**torchrun_env(world), **(env or {})}

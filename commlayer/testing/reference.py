@@ -6,7 +6,7 @@ with these, never with the code under test.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -52,7 +52,7 @@ def reduce_tensors(xs: Sequence[torch.Tensor], op: Any, world: int) -> torch.Ten
 def reduce_arrays(xs: Sequence[np.ndarray], op: str) -> np.ndarray:
     """``op`` ("sum", "avg", "max", "min", "prod") over the ranks' arrays, in float64."""
     stack = np.stack([np.asarray(x, dtype=np.float64) for x in xs])
-    fns = {"sum": stack.sum, "avg": stack.mean, "max": stack.max, "min": stack.min, "prod": stack.prod}
+    fns: dict[str, Callable[..., Any]] = {"sum": stack.sum, "avg": stack.mean, "max": stack.max, "min": stack.min, "prod": stack.prod}
     if op not in fns:
         raise ValueError(f"reduce_arrays: expected one of {sorted(fns)}, got {op!r}")
     return np.asarray(fns[op](0))

@@ -26,7 +26,7 @@ def flush_worker(rank: int, world: int, events: Any, go: Any, nbytes: int, timeo
         works = [dist.broadcast(torch.ones(nbytes // 4), src=0, async_op=True) for _ in range(3)]
         for wk in works:
             wk.wait()
-        out = {"error": None}
+        out: dict[str, Any] = {"error": None}
     except Exception as exc:
         out = {"error": f"{type(exc).__name__}: {str(exc)[:300]}"}
     out["t_err"] = time.monotonic()

@@ -12,12 +12,12 @@ import torch
 import torch.distributed as dist
 
 from commlayer.testing.reliability.fuzz import deep_header, fuzz_message
-from commlayer.testing.reliability.harness import World, census, context, init_zmq, remove_stale_ipc
+from commlayer.testing.reliability.harness import World, census, world_transport, context, init_zmq, remove_stale_ipc
 
 def fuzz_serve_worker(rank: int, world: int, events: Any, stop: Any, ticks: Any, expect_rejected: Any, limit: float) -> dict:
     """A rank that keeps running verified collectives while the parent attacks rank 1's socket."""
     init_zmq(timeout=60.0)
-    tr = dist.group.WORLD.transport
+    tr = world_transport()
     events.put((rank, "ready", {"tcp": tr.endpoint.tcp, "pid": os.getpid()}))
     wrong: list[str] = []
     t_end = time.monotonic() + limit

@@ -46,9 +46,6 @@ def commlayer_threads() -> list[str]:
 _CTX: Any = None
 
 
-_CTX: Any = None
-
-
 def context() -> Any:
     """A forkserver context that has imported torch and this package once (cheap children)."""
     global _CTX
@@ -79,6 +76,12 @@ def remove_stale_ipc(pids: Sequence[int]) -> int:
             except OSError:
                 pass
     return n
+
+
+def world_transport() -> Any:
+    """The zmq transport of the default process group."""
+    pg: Any = dist.group.WORLD
+    return pg.transport
 
 
 def init_zmq(timeout: float) -> None:

@@ -119,7 +119,9 @@ def issue_op(spec: OpSpec, rank: int, world: int, seed: int, check: bool) -> tup
     """Issues ``spec`` on the default group. Returns its work (or None) and a result check run after completion."""
     name, n, dt, root, a = spec.name, spec.numel, spec.dtype, spec.root, spec.async_op
     mine = make_input(seed, spec, rank)
-    inp = (lambda r, k=None: make_input(seed, spec, r, k))
+    def inp(r: int, k: int | None = None) -> torch.Tensor:
+        return make_input(seed, spec, r, k)
+
     what = spec.describe()
     if name in ("all_reduce_small", "all_reduce_large"):
         w = dist.all_reduce(mine, op=spec.op, async_op=a)
@@ -140,11 +142,11 @@ def issue_op(spec: OpSpec, rank: int, world: int, seed: int, check: bool) -> tup
         w = dist.all_gather_into_tensor(out, mine, async_op=a)
         return w, (lambda: _same(what, out, torch.cat([inp(r) for r in range(world)]))) if check else None
     if name == "gather":
-        outs = [torch.empty(n, dtype=dt) for _ in range(world)] if rank == root else None
-        w = dist.gather(mine, outs, dst=root, async_op=a)
-        if rank != root:
+        gathered = [torch.empty(n, dtype=dt) for _ in range(world)] if rank == root else None
+        w = dist.gather(mine, gathered, dst=root, async_op=a)
+        if gathered is None:
             return w, None
-        return w, (lambda: next((e for r in range(world) if (e := _same(f"{what} from {r}", outs[r], inp(r)))), None)) if check else None
+        return w, (lambda: next((e for r in range(world) if (e := _same(f"{what} from {r}", gathered[r], inp(r)))), None)) if check else None
     if name == "scatter":
         ins = [make_input(seed, spec, root * world + d) for d in range(world)] if rank == root else None
         out = torch.empty(n, dtype=dt)

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from commlayer.testing.reliability.harness import World, census, commlayer_threads, init_zmq
+from commlayer.testing.reliability.harness import World, census, world_transport, commlayer_threads, init_zmq
 from commlayer.testing.reliability.ops import run_ops
 
 def soak_worker(rank: int, world: int, events: Any, seed: int, n_ops: int, max_elems: int, limit: float) -> dict:
@@ -31,7 +31,7 @@ def soak_worker(rank: int, world: int, events: Any, seed: int, n_ops: int, max_e
     done = 20 + run_ops(rank, world, seed, 20, n_ops - 20, max_elems, True, mismatches, stop=stop)
     secs = time.monotonic() - t0
     after = census()
-    mb = dist.group.WORLD.transport.mailbox
+    mb = world_transport().mailbox
     stats = mb.stats()
     with mb._lock:  # which channels still hold messages nobody took (diagnostic)
         stats["left_by_channel"] = {}

@@ -18,6 +18,13 @@ TIMEOUT_KINDS = ("all_reduce", "broadcast_from_stalled", "reduce", "all_gather",
 PER_CALL_KINDS = {"barrier_per_call", "async_wait_per_call", "irecv_wait_per_call"}
 
 
+def _work(w: Any) -> Any:
+    """The Work of an async call (torch types it Optional)."""
+    if w is None:
+        raise RuntimeError("expected a Work from an async_op call, got None")
+    return w
+
+
 def _timeout_op(kind: str, group: Any, rank: int, world: int, t: float, stalled: int) -> None:
     x = torch.ones(1000)
     gsize = world
@@ -51,11 +58,11 @@ def _timeout_op(kind: str, group: Any, rank: int, world: int, t: float, stalled:
     elif kind == "barrier_per_call":
         dist.barrier(group=group, timeout=per_call)
     elif kind == "async_wait_per_call":
-        dist.all_reduce(x, group=group, async_op=True).wait(timeout=per_call)
+        _work(dist.all_reduce(x, group=group, async_op=True)).wait(timeout=per_call)
     elif kind == "recv":
         dist.recv(x, src=stalled, tag=7, group=group)
     elif kind == "irecv_wait_per_call":
-        dist.irecv(x, src=stalled, tag=8, group=group).wait(timeout=per_call)
+        _work(dist.irecv(x, src=stalled, tag=8, group=group)).wait(timeout=per_call)
     else:
         raise ValueError(kind)
 
@@ -90,7 +97,7 @@ def timeout_worker(rank: int, world: int, events: Any, kinds: Sequence[str], t: 
         else:
             y = torch.zeros(1000)
             try:
-                w = dist.irecv(y, src=stalled, tag=7, group=g)
+                w = _work(dist.irecv(y, src=stalled, tag=7, group=g))
                 w.wait(timeout=timedelta(seconds=10))
                 out["late_recv_got"] = float(y[0])
             except Exception as exc:
