@@ -17,12 +17,10 @@ import argparse
 import json
 import os
 import statistics
-import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from multiproc import run_world  # noqa: E402
+from commlayer.testing import run_world
 
 STATIC = {"tree": ("tree", None), "ring 0-1-2-3": ("ring", None), "ring 0-2-1-3": ("ring", (0, 2, 1, 3))}
 

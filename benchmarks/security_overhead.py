@@ -12,18 +12,15 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import sys
 import time
 from datetime import timedelta
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from multiproc import run_world  # noqa: E402
+from commlayer.testing import run_world
 
-from commlayer.wan import emulated_world  # noqa: E402
+from commlayer.wan import emulated_world
 
 
 def _worker(rank: int, world: int, envs: list[dict[str, str]], secret: str, mbytes: int, reps: int) -> float:

@@ -16,15 +16,13 @@ import json
 import math
 import os
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from multiproc import run_world  # noqa: E402
+from commlayer.testing import run_world
 
 TOPOLOGIES = ("ring", "tree", "ps", "gossip")
 

@@ -13,9 +13,9 @@ Examples: ``int8``, ``topk:ratio=0.01|int8``, ``sign+ef``, ``topk:ratio=0.01,ind
 from __future__ import annotations
 
 import dataclasses
-import os
 from typing import Any
 
+from commlayer import settings
 from commlayer.codecs.base import Codec
 from commlayer.codecs.registry import codec_class
 
@@ -118,5 +118,5 @@ def _fmt(v: Any) -> str:
 
 def from_env(var: str = "COMMLAYER_CODEC", default: str | None = None) -> Codec | None:
     """Codec from the spec in environment variable ``var`` (``default`` if unset; None if neither)."""
-    spec = os.environ.get(var, default)
+    spec = settings.get(var) if settings.is_set(var) else default
     return from_spec(spec) if spec else None

@@ -2,7 +2,8 @@
 
 Library code reads configuration only through :func:`get` (a test fails on any other
 ``os.environ`` read of a ``COMMLAYER_*`` name in the library). The README's and docs' tables are
-generated from :data:`SETTINGS` (``python -m commlayer.settings --markdown``).
+generated from :data:`SETTINGS` (``python scripts/gen_settings.py``; ``python -m commlayer.settings
+--markdown`` prints the table).
 
 Add a knob by adding one :class:`Setting` row below; never read the environment elsewhere.
 """
@@ -45,6 +46,7 @@ class Setting:
         scope: who reads it: "transport", "group" (per process group, also ``pg_options``),
             "adapt", "codec", "tools" (CLI, demo, emulator).
         doc: one line for the generated tables.
+        readme: also listed in the README's short table (every row is in docs/settings.md).
     """
 
     name: str
@@ -52,6 +54,7 @@ class Setting:
     default: Any
     scope: str
     doc: str
+    readme: bool = False
 
     def parse(self, raw: str) -> Any:
         try:
@@ -65,26 +68,49 @@ SETTINGS: dict[str, Setting] = {
     s.name: s
     for s in (
         # transport
-        Setting("COMMLAYER_PORT", int, 0, "transport", "TCP port this rank listens on (0 = any free port)"),
-        Setting("COMMLAYER_HOST", str, "", "transport", "address this rank listens on (default: the interface routing to MASTER_ADDR)"),
+        Setting("COMMLAYER_PORT", int, 0, "transport", "TCP port this rank listens on (0 = any free port)", readme=True),
+        Setting("COMMLAYER_HOST", str, "", "transport", "address this rank listens on (default: the interface routing to MASTER_ADDR)", readme=True),
         Setting("COMMLAYER_IPC", bool, True, "transport", "use ipc:// (and shared memory) for peers on the same machine"),
-        Setting("COMMLAYER_TIMEOUT", float, 1800.0, "transport", "default seconds for any wait when no process-group timeout is given"),
-        Setting("COMMLAYER_HEARTBEAT", float, 2.0, "transport", "seconds between heartbeats"),
+        Setting("COMMLAYER_IPC_DIR", str, "/tmp", "transport", "directory of the ipc:// socket files"),
+        Setting("COMMLAYER_TIMEOUT", float, 1800.0, "transport", "default seconds for any wait when no process-group timeout is given (`World.from_env`: 300 when unset)"),
+        Setting("COMMLAYER_HEARTBEAT", float, 2.0, "transport", "seconds between heartbeats; a silent peer is declared dead after about two", readme=True),
         Setting("COMMLAYER_LINGER", float, 2.0, "transport", "seconds to flush outgoing messages at shutdown"),
         Setting("COMMLAYER_MAILBOX_BYTES", int, 4 << 30, "transport", "bound on bytes buffered for operations not started yet"),
         Setting("COMMLAYER_MAILBOX_MESSAGES", int, 1 << 20, "transport", "bound on messages buffered for operations not started yet"),
         Setting("COMMLAYER_SOCKBUF", int, 0, "transport", "kernel socket buffer size in bytes (0 = OS default)"),
         Setting("COMMLAYER_SHM", bool, True, "transport", "shared-memory rings for co-located peers"),
         Setting("COMMLAYER_SHM_BYTES", int, 32 << 20, "transport", "size of each shared-memory ring"),
+        Setting("COMMLAYER_CONNECT_OVERRIDES", str, "", "transport", "JSON {peer rank: endpoint} dialled instead of the peer's own (the WAN emulator's relays)"),
+        Setting("COMMLAYER_SECRET", str, "", "transport", "job secret (>= 16 characters, same on every rank): CurveZMQ encryption + authentication of every peer", readme=True),
+        Setting("COMMLAYER_SECRET_FILE", str, "", "transport", "file holding the job secret (instead of COMMLAYER_SECRET)"),
+        Setting("COMMLAYER_CURVE_SECRET_FILE", str, "", "transport", "this rank's CurveZMQ certificate (zmq.auth.create_certificates) instead of a job secret"),
+        Setting("COMMLAYER_CURVE_PUBLIC_DIR", str, "", "transport", "directory of the allowed public certificates (with COMMLAYER_CURVE_SECRET_FILE)"),
         # per group
-        Setting("COMMLAYER_ALGO", str, "auto", "group", "all_reduce algorithm: auto or a name of commlayer.topologies.registry (ring, tree, chain, ps)"),
-        Setting("COMMLAYER_CODEC", str, "", "group", "codec spec for float all_reduce SUM/AVG (empty = exact)"),
-        Setting("COMMLAYER_CODEC_MIN_BYTES", int, 64 * 1024, "group", "tensors below this size stay exact"),
-        Setting("COMMLAYER_CHUNK_BYTES", int, 1 << 20, "group", "ring pipeline chunk in bytes"),
-        Setting("COMMLAYER_RING_ORDER", str, "", "group", "ring order, comma-separated group ranks (empty = identity)"),
-        Setting("COMMLAYER_SMALL_BYTES", int, 64 * 1024, "group", "algo=auto: all-reduces below this size use recursive doubling, others the ring"),
-        Setting("COMMLAYER_PS_SERVERS", int, 1, "group", "algo=ps: number of co-located parameter servers (group ranks 0..S-1)"),
+        Setting("COMMLAYER_ALGO", str, "auto", "group", "all_reduce algorithm: `auto` (measured links + cost model on a default group "
+                "of 3+ ranks whose peers are reached over the network; size rule otherwise) or a name of commlayer.topologies.registry: `ring`, `tree`, `chain`, `ps`", readme=True),
+        Setting("COMMLAYER_CODEC", str, "", "group", "codec spec for float all_reduce SUM/AVG, e.g. `topk:ratio=0.01+ef` (empty = exact)", readme=True),
+        Setting("COMMLAYER_CODEC_MIN_BYTES", int, 64 * 1024, "group", "tensors below this size stay exact", readme=True),
+        Setting("COMMLAYER_CHUNK_BYTES", int, 1 << 20, "group", "ring pipeline chunk in bytes", readme=True),
+        Setting("COMMLAYER_RING_ORDER", str, "", "group", "ring order, comma-separated group ranks (empty = identity)", readme=True),
+        Setting("COMMLAYER_PS_SERVERS", int, 1, "group", "parameter-server shards of `COMMLAYER_ALGO=ps` (at most the group size)"),
+        Setting("COMMLAYER_SMALL_BYTES", int, 64 * 1024, "group", "`auto`: tree below this many bytes, ring above"),
+        # adaptation
+        Setting("COMMLAYER_ADAPT", str, "auto", "adapt", "link probing + planner: auto = when some peer is remote, 1 = always, 0 = never", readme=True),
+        Setting("COMMLAYER_METRICS", str, "", "adapt", "JSON-lines file for the controller's measurements and decisions", readme=True),
+        # tools (CLI, demo, emulator, tests)
+        Setting("COMMLAYER_LOG", str, "WARNING", "tools", "log level of the demo's ranks"),
+        Setting("COMMLAYER_WAN_LINKS", str, "", "tools", "set by the WAN emulator for each rank: the emulated link matrix's name (informational)"),
+        Setting("COMMLAYER_REGEN_GOLDEN", bool, False, "tools", "tests: rewrite tests/golden/*.bin instead of comparing with them"),
     )
+}
+
+#: Variables the library reads that are not commlayer's own (torchrun's contract), and who reads them.
+EXTERNAL: dict[str, str] = {
+    "MASTER_ADDR": "transport/endpoints.py (route towards it), adapt/session.py, topologies/world.py",
+    "MASTER_PORT": "transport/endpoints.py, adapt/session.py, topologies/world.py",
+    "RANK": "topologies/world.py (World.from_env)",
+    "WORLD_SIZE": "topologies/world.py (World.from_env)",
+    "TMPDIR": "commlayer/testing/launch.py (where ranks dump their stacks for hang reports)",
 }
 
 
@@ -116,15 +142,61 @@ def is_set(name: str, environ: Mapping[str, str] | None = None) -> bool:
     return bool((os.environ if environ is None else environ).get(name))
 
 
-def markdown(scope: str | None = None) -> str:
-    """The settings table as Markdown (the README/docs tables are generated from this)."""
+def _show(default: Any) -> str:
+    if default in ("", None):
+        return "unset"
+    if isinstance(default, bool):
+        return "`1`" if default else "`0`"
+    if isinstance(default, int) and default >= 1024 and default & (default - 1) == 0:
+        shift, unit = next((i, u) for i, u in ((30, "GiB"), (20, "MiB"), (10, "KiB")) if default >= 1 << i)
+        return f"`{default}` ({default >> shift} {unit})"
+    return f"`{default}`"
+
+
+def markdown(scope: str | None = None, readme: bool = False) -> str:
+    """The settings table as Markdown (the README/docs tables are generated from this).
+
+    Args:
+        scope: only the rows of this scope.
+        readme: only the rows marked for the README.
+    """
     rows = ["| variable | default | scope | meaning |", "|---|---|---|---|"]
     for s in SETTINGS.values():
-        if scope is None or s.scope == scope:
-            default = "unset" if s.default in ("", None) else f"`{s.default}`"
-            rows.append(f"| `{s.name}` | {default} | {s.scope} | {s.doc} |")
+        if (scope is None or s.scope == scope) and (s.readme or not readme):
+            rows.append(f"| `{s.name}` | {_show(s.default)} | {s.scope} | {s.doc} |")
     return "\n".join(rows)
 
 
+def document() -> str:
+    """The whole of docs/settings.md, generated from :data:`SETTINGS` and :data:`EXTERNAL`."""
+    ext = "\n".join(f"| `{name}` | {who} |" for name, who in EXTERNAL.items())
+    return f"""# Settings
+
+Generated by `python scripts/gen_settings.py` from `commlayer/settings.py`; a test
+(`tests/test_settings.py`) fails when this file or the README's table differs from the table
+there, and when library code reads a `COMMLAYER_*` variable any other way than
+`commlayer.settings.get(name)`. `get` parses the raw string (booleans: `1/true/yes/on` or
+`0/false/no/off`) and raises `ValueError` naming the variable on a bad value; an unset or empty
+variable means the default. Transport settings are read once per transport, group settings once
+per process group (`pg_options` / `ZmqOptions` override them per group).
+
+{markdown()}
+
+Variables of torchrun's contract the library also reads:
+
+| variable | read by |
+|---|---|
+{ext}
+"""
+
+
 if __name__ == "__main__":  # pragma: no cover - a documentation helper
-    print(markdown(sys.argv[2] if len(sys.argv) > 2 else None))
+    args = sys.argv[1:]
+    if args[:1] == ["--doc"]:
+        print(document(), end="")
+    elif args[:1] == ["--readme"]:
+        print(markdown(readme=True))
+    elif args[:1] in (["--markdown"], []):
+        print(markdown(args[1] if len(args) > 1 else None))
+    else:
+        raise SystemExit(f"usage: python -m commlayer.settings [--markdown [SCOPE] | --readme | --doc]; got {args}")

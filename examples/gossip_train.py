@@ -9,9 +9,7 @@ mixes parameters with its graph neighbours after every step (commlayer.training.
 from __future__ import annotations
 
 import argparse
-import multiprocessing as mp
 import os
-import socket
 
 import torch
 
@@ -51,9 +49,8 @@ def train(args: argparse.Namespace) -> None:
     world.close()
 
 
-def _child(rank: int, size: int, port: int, args: argparse.Namespace) -> None:
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
-    train(args)
+def _rank(rank: int, size: int, args: argparse.Namespace) -> None:
+    train(args)  # commlayer.testing.run_world set RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT
 
 
 def main() -> None:
@@ -64,20 +61,17 @@ def main() -> None:
     ap.add_argument("--codec", default="", help="codec spec for CHOCO-SGD, e.g. int8 or topk:ratio=0.1")
     ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--lr", type=float, default=0.1)
+    ap.add_argument("--timeout", type=float, default=600.0, help="seconds for the whole local run")
     args = ap.parse_args()
     if "RANK" in os.environ:
         train(args)
         return
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ctx = mp.get_context("spawn")
-    procs = [ctx.Process(target=_child, args=(r, args.nproc, port, args)) for r in range(args.nproc)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join()
-    raise SystemExit(max(p.exitcode or 0 for p in procs))
+    from commlayer.testing import run_world
+
+    try:
+        run_world(_rank, args.nproc, args, timeout=args.timeout)
+    except (AssertionError, TimeoutError) as exc:
+        raise SystemExit(f"{exc}") from None
 
 
 if __name__ == "__main__":

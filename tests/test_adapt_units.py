@@ -167,7 +167,7 @@ def test_metrics_jsonl_and_prometheus(tmp_path) -> None:
 
 
 def test_cli_probe_rejects_one_rank(capsys) -> None:
-    from commlayer.adapt.cli_probe import main
+    from commlayer.cli import main
 
-    assert main(["--nproc", "1"]) == 2
-    assert "expected --nproc >= 2" in capsys.readouterr().err
+    assert main(["probe", "--nproc", "1"]) == 2
+    assert "--nproc: expected >= 2" in capsys.readouterr().err

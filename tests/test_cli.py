@@ -83,16 +83,24 @@ def test_bench_tiny_sweep_writes_json_and_png(tmp_path: Path, capsys: pytest.Cap
 
 
 @pytest.mark.timeout(120)
-def test_probe_fallback_prints_matrix(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
-    js = tmp_path / "p.json"
-    rc = main(["probe", "--fallback", "--nproc", "2", "--links", "wan-20mbit-50ms", "--pings", "3", "--bulk-bytes", "256K",
-               "--json", str(js)])
+def test_probe_measures_emulated_links(capsys: pytest.CaptureFixture[str]) -> None:
+    rc = main(["probe", "--nproc", "2", "--links", "wan-20mbit-50ms", "--pings", "3", "--train-bytes", "256K", "--json"])
     assert rc == 0
-    out = capsys.readouterr().out
-    assert "RTT (ms)" in out and "bandwidth (Mbit/s)" in out and "src\\dst" in out
-    doc = json.loads(js.read_text())
-    assert 40.0 < doc["rtt_ms"][0][1] < 200.0  # 50 ms configured; a loaded machine adds delay
-    assert doc["bandwidth_mbit"][1][0] > 1.0
+    recs = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert sorted((r["src"], r["dst"]) for r in recs) == [(0, 1), (1, 0)]
+    for r in recs:  # measured beside the emulator's configured values (one-way delay, rate)
+        assert r["event"] == "links" and r["configured_mbit"] == 20.0
+        # scheduling delays on a loaded machine only add to latency; the train may undershoot the rate
+        assert r["configured_latency_ms"] * 0.9 - 3 < r["latency_ms"] < r["configured_latency_ms"] * 3 + 20, r
+        assert 2.0 < r["bandwidth_mbit"] < 20.0 * 1.25, r
+
+
+def test_probe_rejects_one_rank_and_old_flags(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["probe", "--nproc", "1"]) == 2
+    assert "--nproc: expected >= 2" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:  # the removed fallback's flags are refused, not ignored
+        main(["probe", "--bulk-bytes", "1M"])
+    assert exc.value.code == 2
 
 
 @pytest.mark.timeout(150)

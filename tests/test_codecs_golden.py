@@ -9,7 +9,6 @@ If a change to a codec's wire format is deliberate, regenerate them and commit t
 
 from __future__ import annotations
 
-import os
 import re
 from pathlib import Path
 
@@ -18,6 +17,7 @@ import pytest
 import torch
 
 import commlayer.codecs as C
+from commlayer import settings
 
 GOLDEN = Path(__file__).parent / "golden"
 SPECS = C.available() + [
@@ -46,7 +46,7 @@ def _encode(spec: str) -> bytes:
 def test_golden_bytes(spec: str) -> None:
     path = GOLDEN / f"{_name(spec)}.bin"
     blob = _encode(spec)
-    if os.environ.get("COMMLAYER_REGEN_GOLDEN") == "1":
+    if settings.get("COMMLAYER_REGEN_GOLDEN"):
         GOLDEN.mkdir(exist_ok=True)
         path.write_bytes(blob)
     assert path.exists(), f"missing {path}; generate with COMMLAYER_REGEN_GOLDEN=1 (see module docstring)"

@@ -13,6 +13,7 @@ from hypothesis.extra.numpy import arrays
 
 import commlayer.codecs as C
 from commlayer.codecs import CodecContext, from_spec
+from commlayer.testing.reference import majority_sign
 from commlayer.codecs.bitpack import pack_lanes, pack_uint, unpack_lanes, unpack_uint
 
 finite32 = st.floats(-1e4, 1e4, allow_nan=False, width=32)
@@ -201,7 +202,7 @@ def test_majority_vote_matches_numpy() -> None:
     codec = from_spec("sign:scale=none")
     ctx = _ctx(torch.from_numpy(xs[0]))
     encs = [codec.encode(torch.from_numpy(x), ctx) for x in xs]
-    ref = np.sign(np.sum([np.where(np.signbit(x), -1, 1) for x in xs], axis=0))
+    ref = majority_sign(xs)
     assert np.array_equal(codec.majority_vote(encs, ctx).numpy(), ref)
     assert np.array_equal(C.average_payloads(codec, encs, ctx).numpy(), ref)
     votes = sum(codec.votes(e, ctx).int() for e in encs)

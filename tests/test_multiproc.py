@@ -21,3 +21,61 @@ def test_run_world_collects_results() -> None:
 def test_run_world_reports_failure() -> None:
     with pytest.raises(AssertionError, match="rank one fails"):
         run_world(_boom, 2, timeout=60)
+
+
+def _env_of(rank: int, world_size: int) -> tuple[str, str, str]:
+    import os
+
+    return os.environ["RANK"], os.environ["WORLD_SIZE"], os.environ.get("EXTRA", "")
+
+
+def _exit_silently(rank: int, world_size: int) -> int:
+    import os
+
+    if rank == 1:
+        os._exit(3)  # dies without reporting
+    return rank
+
+
+def _hang(rank: int, world_size: int) -> None:
+    import time
+
+    time.sleep(60)
+
+
+def test_run_world_sets_torchrun_env_and_per_rank_env() -> None:
+    out = run_world(_env_of, 2, env={"EXTRA": "all"}, envs=[{}, {"EXTRA": "one"}], timeout=60)
+    assert out == [("0", "2", "all"), ("1", "2", "one")]
+
+
+def test_run_world_reports_a_rank_that_died_without_reporting() -> None:
+    out = run_world(_exit_silently, 2, timeout=60, allow_failures=True)
+    assert out[0] == 0 and out[1] == "ERROR: process exited with code 3 without reporting"
+
+
+def test_run_world_times_out_and_leaves_nothing_behind() -> None:
+    with pytest.raises(TimeoutError, match="timed out after 3"):
+        run_world(_hang, 2, timeout=3)
+
+
+def test_run_ranks_stops_the_others_after_a_failure() -> None:
+    import sys
+
+    from commlayer.testing import run_ranks
+
+    lines: list[tuple[int, str]] = []
+    cmds = [[sys.executable, "-c", "print('hello'); raise SystemExit(5)"],
+            [sys.executable, "-c", "import time; print('waiting', flush=True); time.sleep(60)"]]
+    res = run_ranks(cmds, [{}, {}], lambda r, line: lines.append((r, line)), timeout_s=40, grace_s=0.5)
+    assert res.first_failure == (0, 5) and not res.timed_out
+    assert res.codes[0] == 5 and res.codes[1] is None  # still running when stopped, then killed by its group
+    assert (0, "hello") in lines and (1, "waiting") in lines
+
+
+def test_run_ranks_times_out() -> None:
+    import sys
+
+    from commlayer.testing import run_ranks
+
+    res = run_ranks([[sys.executable, "-c", "import time; time.sleep(60)"]], [{}], lambda r, line: None, timeout_s=1.0)
+    assert res.timed_out and res.codes == [None] and res.first_failure is None

@@ -1,4 +1,4 @@
-"""Kill injection, soak and timeouts: CI-sized versions of ``benchmarks/reliability.py``.
+"""Kill injection, soak and timeouts: CI-sized versions of ``benchmarks/reliability.py`` (runs in ``commlayer.testing.reliability``).
 
 Real processes (from a forkserver that has imported torch) over real loopback sockets. The
 the bugs these tests found (docs/reliability.md) are fixed; the tests guard the fixes.
@@ -6,13 +6,9 @@ the bugs these tests found (docs/reliability.md) are fixed; the tests guard the 
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-import reliability as R  # noqa: E402
+from commlayer.testing import reliability as R
 
 HEARTBEAT = 1.0  # seconds; the kill runs' detection bound is 2x this (plus slack for a frozen peer)
 
@@ -56,7 +52,7 @@ def timeouts() -> dict:
     return R.run_timeouts(t=1.0, world=3, margin=2.0)
 
 
-_GROUP_KINDS = [k for k in R.TIMEOUT_KINDS if k not in R._PER_CALL and k != "recv"] + ["barrier_per_call"]
+_GROUP_KINDS = [k for k in R.TIMEOUT_KINDS if k not in R.PER_CALL_KINDS and k != "recv"] + ["barrier_per_call"]
 
 
 @pytest.mark.parametrize("kind", _GROUP_KINDS)
@@ -66,7 +62,7 @@ def test_collective_times_out_when_a_rank_stops_participating(timeouts: dict, ki
     assert "CommTimeout" in row["example"] and "group" in row["example"], row
 
 
-@pytest.mark.parametrize("kind", sorted(R._PER_CALL - {"barrier_per_call"}) + ["recv"])
+@pytest.mark.parametrize("kind", sorted(R.PER_CALL_KINDS - {"barrier_per_call"}) + ["recv"])
 def test_per_call_wait_honours_its_timeout(timeouts: dict, kind: str) -> None:
     row = timeouts["kinds"][kind]
     assert row["ok"], row

@@ -6,13 +6,9 @@ send trackers of a dead peer); see docs/reliability.md. It guards the fix.
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-import reliability as R  # noqa: E402
+from commlayer.testing import reliability as R
 
 
 def test_broadcast_to_dead_receiver_fails_at_detection() -> None:

@@ -6,19 +6,14 @@ of a bug they found (a 1 KB header nested 1000 levels deep raised RecursionError
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import msgpack
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from commlayer.testing import reliability as R
 from commlayer.transport.errors import WireError
 from commlayer.transport.wire import Header, Kind, check_frames, unpack_header
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-import reliability as R  # noqa: E402
 
 _VALID = [1, int(Kind.DATA), "allreduce", "pg0", 3, 1, 0, 0, "float32", [2, 2], [16], None]
 

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+from commlayer.testing.reference import reduce_arrays
 from multiproc import free_port, run_world
 
 SIZES = list(range(1, 9))
@@ -30,9 +31,7 @@ def _input(rank: int, n: int, dtype: str, salt: int = 0) -> np.ndarray:
 
 
 def _reference(size: int, n: int, dtype: str, op: str) -> np.ndarray:
-    xs = np.stack([_input(r, n, dtype).astype(np.float64) for r in range(size)])
-    ref = {"sum": xs.sum(0), "avg": xs.mean(0), "max": xs.max(0), "min": xs.min(0)}[op]
-    return ref
+    return reduce_arrays([_input(r, n, dtype) for r in range(size)], op)
 
 
 def _codec_reference(spec: str, size: int, n: int, shards: int = 1) -> torch.Tensor:

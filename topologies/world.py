@@ -17,6 +17,7 @@ import threading
 from datetime import timedelta
 from typing import Any, Callable, Sequence
 
+from commlayer import settings
 from commlayer.topologies.base import Collective
 from commlayer.topologies.comm import Group
 from commlayer.topologies.linear import barrier as _barrier
@@ -58,7 +59,7 @@ class World:
         """From torchrun's variables: RANK, WORLD_SIZE, MASTER_ADDR (127.0.0.1), MASTER_PORT (29500)."""
         return cls(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), os.environ.get("MASTER_ADDR", "127.0.0.1"),
                    int(os.environ.get("MASTER_PORT", "29500")),
-                   timeout if timeout is not None else float(os.environ.get("COMMLAYER_TIMEOUT", 300)), seed)
+                   timeout if timeout is not None else settings.get("COMMLAYER_TIMEOUT") if settings.is_set("COMMLAYER_TIMEOUT") else 300.0, seed)
 
     # ---- failures -------------------------------------------------------------------------------
     def _on_failure(self, peer: int, reason: str) -> None:

@@ -18,7 +18,6 @@ Ties (within 1e-9 s) break on a fixed order, so every rank picks the same candid
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -52,15 +51,6 @@ class Policy:
             raise ValueError(f"Expected policy mode in {MODES}, got {self.mode!r}")
         if self.error_budget < 0 or self.compute_s < 0:
             raise ValueError(f"Expected error_budget >= 0 and compute_s >= 0, got {self.error_budget}, {self.compute_s}")
-
-    @classmethod
-    def from_env(cls) -> "Policy":
-        """``COMMLAYER_ADAPT_POLICY`` (mode), ``COMMLAYER_ERROR_BUDGET``, ``COMMLAYER_COMPUTE_S``, ``COMMLAYER_ADAPT_CODECS`` (;-separated)."""
-        codecs = os.environ.get("COMMLAYER_ADAPT_CODECS", "")
-        budget = float(os.environ.get("COMMLAYER_ERROR_BUDGET", "0") or 0)
-        mode = os.environ.get("COMMLAYER_ADAPT_POLICY", "") or ("error_budget" if budget > 0 else "exact")
-        return cls(mode, budget, float(os.environ.get("COMMLAYER_COMPUTE_S", "0") or 0),
-                   tuple(c for c in codecs.split(";") if c) if codecs else DEFAULT_CODECS)
 
 
 @dataclass(frozen=True)

@@ -42,13 +42,13 @@ def best_ring_order(s: LinkMatrixSnapshot, tolerance: float = 0.05) -> tuple[int
     if p <= 3 and all(s.beta[i][j] == s.beta[j][i] for i in range(p) for j in range(p)):
         return tuple(range(p))
     if p <= EXACT_MAX:
-        cands = [(0, *rest) for rest in itertools.permutations(range(1, p))]
+        cands: list[tuple[int, ...]] = [(0, *rest) for rest in itertools.permutations(range(1, p))]
     else:
-        cands = [_threshold_tour(s, bw) for bw in sorted({s.beta[i][j] for i in range(p) for j in range(p) if i != j},
+        tours = [_threshold_tour(s, bw) for bw in sorted({s.beta[i][j] for i in range(p) for j in range(p) if i != j},
                                                          reverse=True)[: 4 * p]]
-        cands = [_two_opt(s, c) for c in cands if c is not None] or [tuple(range(p))]
+        cands = [_two_opt(s, c) for c in tours if c is not None] or [tuple(range(p))]
     best_bw = max(bottleneck(s, c) for c in cands)
-    return tuple(min(cands, key=lambda c: _key(s, c, tolerance, best_bw)))
+    return tuple(min(cands, key=lambda c: _key(s, list(c), tolerance, best_bw)))
 
 
 def _threshold_tour(s: LinkMatrixSnapshot, min_bw: float) -> tuple[int, ...] | None:

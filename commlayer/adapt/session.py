@@ -29,7 +29,7 @@ def connect(rank: int, world_size: int, timeout: float = 60.0, channel: str = "a
         t.close()
         raise
     group = Group(t, list(range(world_size)), channel, timeout)
-    group.store = store  # keep the store (and rank 0's server) alive as long as the group
+    group.store = store  # type: ignore[attr-defined]  # keep the store (and rank 0's server) alive as long as the group
     return group
 
 

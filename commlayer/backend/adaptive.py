@@ -12,11 +12,11 @@ drift. By default it runs when some peer is reached over the network; ``COMMLAYE
 from __future__ import annotations
 
 import logging
-import os
 from typing import Any
 
 import torch
 
+from commlayer import settings
 from commlayer.topologies import registry
 from commlayer.topologies.comm import OpComm
 from commlayer.topologies.dense import allreduce as dense_allreduce
@@ -30,7 +30,7 @@ REPLAN_EVERY = 16
 def wanted(options: Any, size: int, transport: Any) -> bool:
     """``COMMLAYER_ADAPT``: "auto" (default) = when some peer is reached over the network (peers on this
     machine share memory: nothing to adapt to, and probing them only measures noise); "1" = always; "0" = never."""
-    mode = os.environ.get("COMMLAYER_ADAPT", "auto").lower()
+    mode = str(settings.get("COMMLAYER_ADAPT")).lower()
     if options.algo != "auto" or size < 3 or mode in ("0", "false", "no"):
         return False
     return mode in ("1", "true", "yes") or not transport.all_local
@@ -47,7 +47,7 @@ class AdaptiveAllreduce:
         timeout = max(timeout, 30.0)  # probing moves real data: never tighter than 30 s
         cfg = PlannerConfig(policy=Policy(mode="exact"), channel=f"__adapt__/{channel}", timeout=timeout,
                             probe=ProbeConfig(channel=f"__adapt_probe__/{channel}", timeout=timeout),
-                            metrics_path=os.environ.get("COMMLAYER_METRICS", ""))
+                            metrics_path=settings.get("COMMLAYER_METRICS"))
         self.planner = Planner(transport, ranks, cfg)
         self.planner.start()  # collective: every member runs it while creating the group
         self._calls = 0

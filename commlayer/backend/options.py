@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, fields, replace
 from typing import Any, Mapping
 
+from commlayer import settings
 from commlayer.topologies import registry
 
 
@@ -35,13 +35,14 @@ class ZmqOptions:
 
     @classmethod
     def from_env(cls) -> "ZmqOptions":
-        order = os.environ.get("COMMLAYER_RING_ORDER", "")
+        """The group rows of :mod:`commlayer.settings` (read once per group, by :meth:`resolve`)."""
+        order = settings.get("COMMLAYER_RING_ORDER")
         return cls(
-            algo=os.environ.get("COMMLAYER_ALGO", "auto") or "auto",
-            chunk_bytes=int(os.environ.get("COMMLAYER_CHUNK_BYTES", 1 << 20)),
+            algo=settings.get("COMMLAYER_ALGO"),
+            chunk_bytes=settings.get("COMMLAYER_CHUNK_BYTES"),
             ring_order=tuple(int(x) for x in order.split(",")) if order else None,
-            codec=os.environ.get("COMMLAYER_CODEC", ""),
-            codec_min_bytes=int(os.environ.get("COMMLAYER_CODEC_MIN_BYTES", 64 * 1024)),
+            codec=settings.get("COMMLAYER_CODEC"),
+            codec_min_bytes=settings.get("COMMLAYER_CODEC_MIN_BYTES"),
         )
 
     @classmethod

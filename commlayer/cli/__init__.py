@@ -35,10 +35,6 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``commlayer`` console script; returns the exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    # `probe` may be served by the measurement layer, which has its own arguments.
-    if argv[:1] == ["probe"]:
-        from commlayer.cli.probe import dispatch
-        return dispatch(argv[1:])
     ap = build_parser()
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")

@@ -41,7 +41,8 @@ def _sizes(args: argparse.Namespace) -> list[int]:
     lo, hi = parse_size(args.min_bytes), parse_size(args.max_bytes)
     if lo < 4 or hi < lo or args.factor < 2:
         raise CliError(f"sizes: expected 4 <= --min-bytes <= --max-bytes and --factor >= 2, got {lo}, {hi}, {args.factor}")
-    out, n = [], lo
+    out: list[int] = []
+    n = lo
     while n <= hi and len(out) < 64:
         out.append(n)
         n *= args.factor

@@ -1,104 +1,104 @@
-"""``commlayer probe``: each link's measured latency and bandwidth.
+"""``commlayer probe``: each directed link's measured latency and bandwidth among N local ranks.
 
-Dispatches to the measurement layer (``commlayer.adapt.cli_probe.main``) when it exists; until
-then a minimal fallback runs here: N ranks (on emulated links unless ``--links none``) measure every
-directed link in turn with the zmq transport's PING/PONG (median round trip) and a bulk transfer
-(bandwidth = bytes / (elapsed - RTT)), and rank 0 prints the matrices.
+    commlayer probe --nproc 4 --links hetero            # emulated profile: configured values beside
+    commlayer probe --nproc 2 --json                    # plain loopback, JSON lines
+    commlayer probe --nproc 3 --links wan-20mbit-50ms --prometheus
+
+The ranks run the measurement layer's collective probe (:func:`commlayer.adapt.probe.probe_links`:
+``--pings`` PING/PONG round trips and a ``--train-bytes`` packet train on every directed link, all
+ranks agreeing on the result) over a bare zmq transport, behind the WAN emulator's relays when
+``--links`` names a profile or a link-matrix file (relay mode: it shapes commlayer's transport,
+which is what is measured). ``--json`` prints one ``{"event": "links", ...}`` object per link (the
+format of the metrics files); ``--prometheus`` prints exposition text.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
+import contextlib
 import json
-import logging
-import sys
+from typing import Any
 
-from commlayer.cli._common import CliError, check_links, check_nproc
-
-logger = logging.getLogger(__name__)
-
-
-def dispatch(argv: list[str]) -> int:
-    """Runs the measurement layer's probe if importable, else the fallback below."""
-    try:
-        mod = importlib.import_module("commlayer.adapt.cli_probe")
-    except ImportError:
-        mod = None
-    if mod is not None and hasattr(mod, "main") and "--fallback" not in argv:
-        return int(mod.main(argv))
-    argv = [a for a in argv if a != "--fallback"]
-    ap = argparse.ArgumentParser(prog="commlayer probe", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    _add_args(ap)
-    args = ap.parse_args(argv)
-    try:
-        return run(args)
-    except CliError as exc:
-        print(f"commlayer probe: error: {exc}", file=sys.stderr)
-        return 2
-
-
-def _add_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--nproc", type=int, default=2, help="number of ranks (default %(default)s)")
-    p.add_argument("--links", default="wan-20mbit-50ms", help="profile or link-matrix file; 'none' for plain loopback")
-    p.add_argument("--mode", choices=["relay", "netns"], default="relay")
-    p.add_argument("--pings", type=int, default=5, help="pings per link (median reported)")
-    p.add_argument("--bulk-bytes", default="1M", help="largest bulk transfer per link (default %(default)s)")
-    p.add_argument("--json", help="also write the matrices here")
-    p.add_argument("--timeout", type=float, default=120.0)
+from commlayer.cli._common import CliError, check_links, check_nproc, parse_size
 
 
 def add_parser(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
-    p = sub.add_parser("probe", help="measure each link's latency and bandwidth")
-    _add_args(p)
+    p = sub.add_parser("probe", help="measure each link's latency and bandwidth", description=__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--nproc", type=int, default=2, help="local ranks (default %(default)s)")
+    p.add_argument("--links", default="none", help="profile or link-matrix file to emulate; 'none' (default) = plain loopback")
+    p.add_argument("--pings", type=int, default=5, help="round trips per link (default %(default)s)")
+    p.add_argument("--train-bytes", default="512K", help="bytes per bandwidth train (default %(default)s)")
+    p.add_argument("--timeout", type=float, default=120.0, help="seconds for the whole probe (default %(default)s)")
+    out = p.add_mutually_exclusive_group()
+    out.add_argument("--json", action="store_true", help="JSON lines, one per directed link")
+    out.add_argument("--prometheus", action="store_true", help="Prometheus exposition text")
     p.set_defaults(func=run)
 
 
+def _rank_main(rank: int, world: int, train_bytes: int, pings: int, timeout: float) -> list[dict[str, Any]]:
+    """One rank: probe every link, return this rank's estimates (as dicts)."""
+    from commlayer.adapt.estimator import LinkState
+    from commlayer.adapt.probe import ProbeConfig, probe_links
+    from commlayer.adapt.session import barrier, connect
+
+    g = connect(rank, world, timeout=timeout)
+    try:
+        state = LinkState(rank, world)
+        probe_links(g.transport, g.ranks, ProbeConfig(pings=pings, train_bytes=train_bytes, timeout=timeout), 1, state)
+        barrier(g)
+    finally:
+        g.transport.close()
+    return [e.as_dict() for e in state.estimates()]
+
+
+def run_probe(nproc: int, links: str | None = None, train_bytes: int = 512 << 10, pings: int = 5,
+              timeout: float = 120.0) -> tuple[list[dict[str, Any]], Any]:
+    """Probes ``nproc`` local ranks; returns (rank 0's link estimates, the emulated LinkMatrix or None)."""
+    from commlayer.testing import run_world
+
+    with contextlib.ExitStack() as stack:
+        matrix, envs = None, None
+        if links:
+            from commlayer.wan import emulated_world
+
+            w = stack.enter_context(emulated_world(nproc, links))
+            envs, matrix = [w.env(r) for r in range(nproc)], w.links
+        per_rank = run_world(_rank_main, nproc, train_bytes, pings, timeout / 2, env={"COMMLAYER_HOST": "127.0.0.1"},
+                             envs=envs, timeout=timeout)
+    return per_rank[0], matrix
+
+
 def run(args: argparse.Namespace) -> int:
-    from commlayer.cli._common import parse_size
-    from commlayer.wan import launch
+    import sys
 
     check_nproc(args.nproc)
     if args.nproc < 2:
         raise CliError(f"--nproc: expected >= 2 ranks to have links, got {args.nproc}")
-    links = "datacenter" if args.links == "none" else args.links
-    matrix = check_links(links, args.nproc)
-    wargs = ["--pings", str(args.pings), "--bulk-bytes", str(parse_size(args.bulk_bytes))]
-    if args.json:
-        wargs += ["--json", args.json]
-    print(f"probing {args.nproc} ranks on {matrix.name} ({args.mode} mode) ...", flush=True)
-    script = importlib.import_module("commlayer.cli._probe_worker").__file__
-    assert script is not None
-    return launch(args.nproc, matrix, script, wargs, mode=args.mode, timeout_s=args.timeout, out=_Rank0Only(sys.stdout))
+    if args.pings < 1:
+        raise CliError(f"--pings: expected >= 1, got {args.pings}")
+    links = None if args.links == "none" else args.links
+    if links is not None:
+        check_links(links, args.nproc)
+    try:
+        est, matrix = run_probe(args.nproc, links, parse_size(args.train_bytes), args.pings, args.timeout)
+    except (AssertionError, TimeoutError) as exc:
+        raise CliError(f"the probe failed: {exc}") from None
+    if args.prometheus:
+        from commlayer.adapt.metrics import prometheus_text
 
-
-class _Rank0Only:
-    """Forwards rank 0's lines without the ``[rank 0]`` prefix; other ranks only on errors."""
-
-    def __init__(self, out) -> None:  # type: ignore[no-untyped-def]
-        self.out = out
-
-    def write(self, s: str) -> int:
-        if s.startswith("[rank 0] "):
-            self.out.write(s[len("[rank 0] "):])
-        elif "Error" in s or "Traceback" in s:
-            self.out.write(s)
-        return len(s)
-
-    def flush(self) -> None:
-        self.out.flush()
-
-
-def format_matrix(title: str, values: list[list[float]], fmt: str) -> str:
-    """An N x N table, row = source, column = destination; '-' on the diagonal."""
-    n = len(values)
-    lines = [title, "src\\dst " + "".join(f"{j:>10}" for j in range(n))]
-    for i in range(n):
-        cells = "".join(f"{'-':>10}" if i == j else f"{format(values[i][j], fmt):>10}" for j in range(n))
-        lines.append(f"{i:>7} " + cells)
-    return "\n".join(lines)
-
-
-def write_json(path: str, rtt_ms: list[list[float]], mbit: list[list[float]]) -> None:
-    with open(path, "w") as f:
-        json.dump({"rtt_ms": rtt_ms, "bandwidth_mbit": mbit}, f, indent=1)
+        sys.stdout.write(prometheus_text(est))
+        return 0
+    for e in est:
+        cfg = matrix.link(e["src"], e["dst"]) if matrix is not None else None
+        if args.json:
+            rec = {"event": "links", **e}
+            if cfg is not None:
+                rec.update(configured_latency_ms=cfg.delay_ms, configured_mbit=cfg.rate_mbit)
+            print(json.dumps(rec))
+        else:
+            line = f"{e['src']:>3} -> {e['dst']:<3} latency {e['latency_ms']:8.2f} ms   bandwidth {e['bandwidth_mbit']:9.2f} Mbit/s"
+            if cfg is not None:
+                line += f"   (emulated {cfg.delay_ms:.1f} ms, {cfg.rate_mbit:g} Mbit/s)"
+            print(line)
+    return 0

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 import time
 from datetime import timedelta
@@ -25,6 +24,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from commlayer import settings
 from commlayer.demo.configs import RunConfig, parse_config
 from commlayer.demo.task import Shard, TaskConfig, evaluate, make_data, make_model
 
@@ -60,7 +60,7 @@ def _build(cfg: RunConfig, task: TaskConfig, groups: dict[str, Any]) -> tuple[nn
         ddp.register_comm_hook(state, psgd.powerSGD_hook)
     elif cfg.method == "hook":
         from commlayer.hooks import CodecHookState, codec_hook
-        state = CodecHookState.from_spec(cfg.arg, process_group=group, seed=task.seed)
+        state = CodecHookState.from_spec(cfg.arg, process_group=group, seed=task.seed)  # type: ignore[assignment]
         ddp.register_comm_hook(state, codec_hook)
     return ddp, model, None, state
 
@@ -149,5 +149,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    logging.basicConfig(level=os.environ.get("COMMLAYER_LOG", "WARNING"))
+    logging.basicConfig(level=settings.get("COMMLAYER_LOG"))
     sys.exit(main())

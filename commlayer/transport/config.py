@@ -2,28 +2,9 @@
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
-
-def _env_float(name: str, default: float) -> float:
-    raw = os.environ.get(name)
-    if raw is None or raw == "":
-        return default
-    try:
-        return float(raw)
-    except ValueError:
-        raise ValueError(f"{name}: expected a number, got {raw!r}") from None
-
-
-def _env_int(name: str, default: int) -> int:
-    raw = os.environ.get(name)
-    if raw is None or raw == "":
-        return default
-    try:
-        return int(raw)
-    except ValueError:
-        raise ValueError(f"{name}: expected an integer, got {raw!r}") from None
+from commlayer import settings
 
 
 @dataclass(frozen=True)
@@ -70,14 +51,16 @@ class TransportConfig:
 
     @classmethod
     def from_env(cls, timeout: float | None = None) -> "TransportConfig":
+        """The transport's rows of :mod:`commlayer.settings`, read once (``timeout`` overrides COMMLAYER_TIMEOUT)."""
+        get = settings.get
         return cls(
-            port=_env_int("COMMLAYER_PORT", 0),
-            ipc=os.environ.get("COMMLAYER_IPC", "1") not in ("0", "false", "no"),
-            timeout=timeout if timeout is not None else _env_float("COMMLAYER_TIMEOUT", 1800.0),
-            heartbeat=_env_float("COMMLAYER_HEARTBEAT", 2.0),
-            linger=_env_float("COMMLAYER_LINGER", 2.0),
-            mailbox_bytes=_env_int("COMMLAYER_MAILBOX_BYTES", 4 << 30),
-            mailbox_messages=_env_int("COMMLAYER_MAILBOX_MESSAGES", 1 << 20),
-            sockbuf=_env_int("COMMLAYER_SOCKBUF", 0),
-            shm_bytes=_env_int("COMMLAYER_SHM_BYTES", 32 << 20) if os.environ.get("COMMLAYER_SHM", "1") not in ("0", "false", "no") else 0,
+            port=get("COMMLAYER_PORT"),
+            ipc=get("COMMLAYER_IPC"),
+            timeout=timeout if timeout is not None else get("COMMLAYER_TIMEOUT"),
+            heartbeat=get("COMMLAYER_HEARTBEAT"),
+            linger=get("COMMLAYER_LINGER"),
+            mailbox_bytes=get("COMMLAYER_MAILBOX_BYTES"),
+            mailbox_messages=get("COMMLAYER_MAILBOX_MESSAGES"),
+            sockbuf=get("COMMLAYER_SOCKBUF"),
+            shm_bytes=get("COMMLAYER_SHM_BYTES") if get("COMMLAYER_SHM") else 0,
         )

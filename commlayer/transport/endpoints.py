@@ -12,6 +12,8 @@ from dataclasses import asdict, dataclass
 from datetime import timedelta
 from typing import Any
 
+from commlayer import settings
+
 logger = logging.getLogger(__name__)
 
 
@@ -80,7 +82,7 @@ def choose_host() -> str:
     ``COMMLAYER_HOST`` wins; otherwise the local address of the route towards torchrun's
     ``MASTER_ADDR`` (loopback when MASTER_ADDR is local or unset). No packet is sent.
     """
-    explicit = os.environ.get("COMMLAYER_HOST")
+    explicit = settings.get("COMMLAYER_HOST")
     if explicit:
         return explicit
     master = os.environ.get("MASTER_ADDR", "")
@@ -97,7 +99,7 @@ def choose_host() -> str:
 
 
 def ipc_path(rank: int) -> str:
-    base = os.environ.get("COMMLAYER_IPC_DIR", "/tmp")
+    base = settings.get("COMMLAYER_IPC_DIR")
     remove_stale(base, ".sock")
     return os.path.join(base, f"commlayer-{os.getpid()}-{rank}-{uuid.uuid4().hex[:8]}.sock")
 
@@ -124,7 +126,7 @@ def remove_stale(base: str, suffix: str) -> None:
 def connect_overrides() -> dict[int, str]:
     """``COMMLAYER_CONNECT_OVERRIDES``: JSON {peer global rank: endpoint} used instead of the peer's own
     (the WAN emulator routes links through relays this way)."""
-    raw = os.environ.get("COMMLAYER_CONNECT_OVERRIDES", "")
+    raw = settings.get("COMMLAYER_CONNECT_OVERRIDES")
     if not raw:
         return {}
     try:

@@ -27,6 +27,8 @@ import zmq.auth
 from zmq.auth.thread import ThreadAuthenticator
 from zmq.utils import z85
 
+from commlayer import settings
+
 logger = logging.getLogger(__name__)
 
 ZAP_DOMAIN = "commlayer"
@@ -78,8 +80,8 @@ def derive_keypair(job_secret: bytes, rank: int) -> tuple[bytes, bytes]:
 
 def keys_from_env(rank: int, world_size: int) -> CurveKeys | None:
     """Reads the key configuration from the environment; None when encryption is not configured."""
-    secret = os.environ.get("COMMLAYER_SECRET", "")
-    secret_file = os.environ.get("COMMLAYER_SECRET_FILE", "")
+    secret = settings.get("COMMLAYER_SECRET")
+    secret_file = settings.get("COMMLAYER_SECRET_FILE")
     if secret_file:
         with open(secret_file, "rb") as f:
             secret = f.read().strip().decode()
@@ -88,9 +90,9 @@ def keys_from_env(rank: int, world_size: int) -> CurveKeys | None:
             raise ValueError(f"COMMLAYER_SECRET: expected at least 16 characters, got {len(secret)}")
         pairs = [derive_keypair(secret.encode(), r) for r in range(world_size)]
         return CurveKeys(pairs[rank][0], pairs[rank][1], frozenset(p for p, _ in pairs), tuple(p for p, _ in pairs))
-    cert = os.environ.get("COMMLAYER_CURVE_SECRET_FILE", "")
+    cert = settings.get("COMMLAYER_CURVE_SECRET_FILE")
     if cert:
-        pub_dir = os.environ.get("COMMLAYER_CURVE_PUBLIC_DIR", "")
+        pub_dir = settings.get("COMMLAYER_CURVE_PUBLIC_DIR")
         if not pub_dir or not os.path.isdir(pub_dir):
             raise ValueError(f"COMMLAYER_CURVE_PUBLIC_DIR: expected a directory of allowed public certificates, got {pub_dir!r}")
         public, sec = zmq.auth.load_certificate(cert)

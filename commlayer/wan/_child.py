@@ -16,12 +16,12 @@ def main() -> None:
     if sys.argv[1] == "relay":
         from commlayer.wan.relay import _serve
 
-        _serve(*payload, conn=conn)
+        _serve(*payload, conn=conn)  # type: ignore[misc]
     elif sys.argv[1] == "tunfwd":
         from commlayer.wan.tunfwd import forward
 
         try:
-            forward(*payload, conn=conn)
+            forward(*payload, conn=conn)  # type: ignore[misc]
         finally:
             try:
                 conn.send(("stopped", None))

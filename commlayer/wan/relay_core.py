@@ -219,11 +219,11 @@ class RelayCore:
         for i, j, spec in m.pairs():
             rev = m.link(j, i)
             pipe = LinkPipe(spec, self.t0, self.seed * 1_000_003 + i * 1009 + j, stream=True,
-                            reverse_delay_ms=lambda t, r=rev: r.at(t).delay_ms)
+                            reverse_delay_ms=lambda t, r=rev: r.at(t).delay_ms)  # type: ignore[misc]
             self.link_objs[(i, j)] = _Link(loop, pipe)
         ports = {}
         for (i, j) in self.link_objs:
-            srv = await loop.create_server(lambda i=i, j=j: self._accept(i, j), self.host, 0,
+            srv = await loop.create_server(lambda i=i, j=j: self._accept(i, j), self.host, 0,  # type: ignore[misc]
                                            reuse_address=True, backlog=128)
             self.servers[(i, j)] = srv
             ports[(i, j)] = srv.sockets[0].getsockname()[1]
@@ -250,8 +250,8 @@ class RelayCore:
 
     def stats(self) -> dict[tuple[int, int], dict[str, float]]:
         """Per directed link: bytes and chunks admitted, stalls, bytes still queued."""
-        return {k: {"bytes": l.pipe.bytes, "units": l.pipe.units, "stalls": l.pipe.stalls,
-                    "queued": l.queued} for k, l in self.link_objs.items()}
+        return {k: {"bytes": lk.pipe.bytes, "units": lk.pipe.units, "stalls": lk.pipe.stalls,
+                    "queued": lk.queued} for k, lk in self.link_objs.items()}
 
     async def stop(self) -> None:
         """Closes listeners, connections and timers."""

@@ -5,11 +5,11 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import socket
 import time
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Literal, Mapping
 
+from commlayer.testing.ports import free_port
 from commlayer.wan.energy import device_energy_j
 from commlayer.wan.loader import resolve_links
 from commlayer.wan.matrix import LinkMatrix
@@ -23,13 +23,6 @@ Mode = Literal["relay", "netns"]
 #: Fixed ports inside namespaces (every rank has its own port space there).
 NETNS_MASTER_PORT = 29500
 NETNS_COMMLAYER_PORT = 29600
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """A currently free TCP port on ``host`` (may be taken by someone else before use)."""
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
 
 
 @dataclass(frozen=True)

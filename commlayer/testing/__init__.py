@@ -1,0 +1,18 @@
+"""Tools shared by the tests, benchmarks, demo, CLI and examples (never imported by the library).
+
+* :func:`free_port` (:mod:`.ports`): the one free-port helper.
+* :func:`run_world`, :class:`Ranks`, :func:`run_ranks` (:mod:`.launch`): the one multi-process
+  launcher (functions in spawned processes, or command lines in their own sessions).
+* :mod:`.reference`: reference reductions (numpy / plain torch) results are compared against.
+* :mod:`.reliability`: kill injection, frame fuzzing, soak and timeout runs
+  (``benchmarks/reliability.py`` is its command line; ``tests/test_reliability*.py`` its CI-sized runs).
+
+Importing this package imports neither torch nor the WAN emulator.
+"""
+
+from __future__ import annotations
+
+from commlayer.testing.launch import Ranks, RanksOutcome, run_ranks, run_world, torchrun_env
+from commlayer.testing.ports import free_port
+
+__all__ = ["Ranks", "RanksOutcome", "free_port", "run_ranks", "run_world", "torchrun_env"]

@@ -1,0 +1,31 @@
+"""ruff and mypy on the library, so the README's one test command (and .ci/run) runs them.
+
+Configuration: ``[tool.ruff]`` and ``[tool.mypy]`` in pyproject.toml; mypy sees the installed
+layout through scripts/typecheck.py.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.timeout(120)
+def test_ruff_passes() -> None:
+    out = subprocess.run([sys.executable, "-m", "ruff", "check", "--no-cache", "."], cwd=ROOT, capture_output=True,
+                         text=True, timeout=100)
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_mypy_passes() -> None:
+    out = subprocess.run([sys.executable, str(ROOT / "scripts" / "typecheck.py")], cwd=ROOT, capture_output=True,
+                         text=True, timeout=580)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "Success: no issues found" in out.stdout
