@@ -19,9 +19,14 @@ from typing import Protocol, Sequence
 class Links(Protocol):
     """What the cost functions read of a link matrix (``commlayer.adapt.estimator.LinkMatrixSnapshot``)."""
 
-    size: int
-    alpha: Sequence[Sequence[float]]
-    beta: Sequence[Sequence[float]]
+    @property
+    def size(self) -> int: ...
+
+    @property
+    def alpha(self) -> Sequence[Sequence[float]]: ...
+
+    @property
+    def beta(self) -> Sequence[Sequence[float]]: ...
 
 
 @dataclass(frozen=True)

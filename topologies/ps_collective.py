@@ -48,6 +48,7 @@ def ps_allreduce(comm: OpComm, flat: torch.Tensor, op: ReduceOp, servers: int | 
                     acc = part.clone()
                 else:
                     combine_(acc, part, op)
+            assert acc is not None  # p >= 2 parts were combined
             for w in range(p):
                 if w != me:
                     comm.send_tensor(w, 1, acc)

@@ -78,7 +78,7 @@ class Shard:
         (:func:`commlayer.codecs.aggregate.combine`: decode and average, or majority vote)."""
         if grads and all(isinstance(g, tuple) for g in grads) and len({g[0] for g in grads}) == 1:  # type: ignore[index]
             _, codec, _, ctx = grads[0]  # type: ignore[misc]
-            return combine(codec, gathered_mode(codec), [g[2] for g in grads], ctx, average=True)  # type: ignore[index]
+            return combine(codec, gathered_mode(codec), [g[2] for g in grads], ctx, average=True)  # type: ignore[index,misc]
         dense = [g if isinstance(g, torch.Tensor) else g[1].decode(g[2], g[3]).reshape(-1) for g in grads]
         acc = torch.zeros_like(dense[0], dtype=acc_dtype(dense[0].dtype))
         for x in dense:

@@ -154,6 +154,7 @@ class ShardServer:
                     combine_(res, part, op)
             assert res is not None
             finalize_(res, op, len(got))
+        assert res is not None
         frames, _ = codec_frames(down, res.reshape(-1).contiguous(), self._ctx(n, dtype, f"down/{s}", r))
         for w in sorted(got):
             self._reply(w, r, AGG, s, frames, {})
