@@ -64,6 +64,24 @@ def create(opts: Any, backend_options: Any, cls: _GroupClass) -> Any:
     return pg
 
 
+def standalone(cls: _GroupClass, store: Any, rank: int, size: int, timeout: float = 1800.0,
+               options: ZmqOptions | None = None, name: str = "standalone") -> Any:
+    """A group over ``store`` that torch's registry does not know (its own transport; close it with ``shutdown()``).
+
+    For wrappers that build and rebuild groups themselves, such as torchft's reconfigurable
+    ``ProcessGroupWrapper`` (its ``_create_pg(store, rank, world_size)`` may return this): every
+    configuration must use a fresh store prefix, as torchft's quorums do.
+    """
+    transport = connect_transport(store, rank, size, timeout, name)
+    try:
+        pg = cls(Group(transport, list(range(size)), channel=name, timeout=timeout), True, options or ZmqOptions.resolve(None), name)
+    except BaseException:
+        transport.close()
+        raise
+    _live.add(pg)
+    return pg
+
+
 def forget_transport(transport: Transport) -> None:
     global _world_transport
     with _world_lock:

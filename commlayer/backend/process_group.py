@@ -223,3 +223,9 @@ class ProcessGroupZMQ(dist.ProcessGroup):
 def create_process_group(opts: Any, backend_options: Any) -> ProcessGroupZMQ:
     """Backend creator registered with torch (``extended_api=True``); see :mod:`commlayer.backend.creator`."""
     return creator.create(opts, backend_options, ProcessGroupZMQ)
+
+
+def group_over_store(store: Any, rank: int, size: int, timeout: float = 1800.0, options: ZmqOptions | None = None,
+                     name: str = "standalone") -> ProcessGroupZMQ:
+    """A zmq group over any c10d store, outside torch's registry (e.g. torchft's ``_create_pg``); see :func:`creator.standalone`."""
+    return creator.standalone(ProcessGroupZMQ, store, rank, size, timeout, options, name)

@@ -130,3 +130,48 @@ def run_wrapper(rank: int, world: int) -> dict[str, Any]:
         return {"sum": t.tolist(), "avg": u.tolist(), "errors": w.errors}
     finally:
         dist.destroy_process_group()
+
+
+class Reconfigurable:
+    """torchft's reconfigurable ``ProcessGroupWrapper`` pattern, by composition: ``configure`` builds a
+    fresh inner group over a new store prefix (``_create_pg``); collectives go to ``self.parent``."""
+
+    def __init__(self, store: dist.Store) -> None:
+        self._store = store
+        self._pg: Any = None
+
+    def configure(self, prefix: str, rank: int, world: int) -> None:
+        from commlayer.backend.process_group import group_over_store
+
+        if self._pg is not None:
+            self._pg.abort()
+        self._pg = group_over_store(dist.PrefixStore(prefix, self._store), rank, world, timeout=60.0)
+
+    @property
+    def parent(self) -> dist.ProcessGroup:
+        return self._pg
+
+    def allreduce(self, tensors: list[torch.Tensor], opts: Any) -> dist.Work:
+        return self.parent.allreduce(tensors, opts)
+
+    def shutdown(self) -> None:
+        if self._pg is not None:
+            self._pg.shutdown()
+
+
+def run_reconfigure(rank: int, world: int) -> dict[str, Any]:
+    import os
+
+    store = dist.TCPStore("127.0.0.1", int(os.environ["MASTER_PORT"]), world, rank == 0, timeout=T)
+    pg = Reconfigurable(store)
+    out = {}
+    try:
+        for quorum in range(2):  # torchft reconfigures on every quorum change, each time under a new prefix
+            pg.configure(f"quorum/{quorum}", rank, world)
+            t = torch.full((4,), float(rank + 1 + quorum))
+            pg.allreduce([t], ReduceOp.SUM).wait()
+            out[f"quorum{quorum}"] = t.tolist()
+            out["devices"] = [d.type for d in pg.parent._device_types]
+    finally:
+        pg.shutdown()
+    return out

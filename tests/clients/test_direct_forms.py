@@ -32,3 +32,11 @@ def test_torchft_style_wrapper_reduces_for_real() -> None:
         assert res["errors"] == []
         assert res["sum"] == [3.0] * 3
         assert res["avg"] == [1.5] * 3
+
+
+def test_torchft_style_reconfigurable_wrapper() -> None:
+    results = run_world(direct_forms.run_reconfigure, 2, timeout=120)
+    for res in results:
+        assert res["quorum0"] == [3.0] * 4  # 1 + 2
+        assert res["quorum1"] == [5.0] * 4  # 2 + 3, on a group built anew over a fresh prefix
+        assert res["devices"] == ["cpu"]
