@@ -10,7 +10,9 @@ import atexit
 import logging
 import threading
 import weakref
-from typing import Any, Protocol
+from typing import Any, Mapping, Protocol
+
+from torch._C._distributed_c10d import _DistributedBackendOptions
 
 from commlayer.backend.options import ZmqOptions
 from commlayer.topologies.comm import Group
@@ -28,7 +30,7 @@ class _GroupClass(Protocol):
     def __call__(self, group: Group, owns_transport: bool, options: ZmqOptions, name: str, default_group: bool = False) -> Any: ...
 
 
-def create(opts: Any, backend_options: Any, cls: _GroupClass) -> Any:
+def create(opts: _DistributedBackendOptions, backend_options: ZmqOptions | Mapping[str, Any] | None, cls: _GroupClass) -> Any:
     """Builds the group torch asks for (``opts``: torch's ``_DistributedBackendOptions``).
 
     Args:

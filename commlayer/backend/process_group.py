@@ -12,10 +12,11 @@ with the c10d option classes, and accepts the call forms gloo's object accepts
 from __future__ import annotations
 
 from datetime import timedelta
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 import torch.distributed as dist
+from torch._C._distributed_c10d import _DistributedBackendOptions
 
 from commlayer.backend import creator, forms, staging
 from commlayer.backend.forms import (AllgatherOptions, AllreduceCoalescedOptions, AllreduceOptions, AllToAllOptions,
@@ -220,7 +221,7 @@ class ProcessGroupZMQ(dist.ProcessGroup):
         self.shutdown()
 
 
-def create_process_group(opts: Any, backend_options: Any) -> ProcessGroupZMQ:
+def create_process_group(opts: _DistributedBackendOptions, backend_options: ZmqOptions | Mapping[str, Any] | None) -> ProcessGroupZMQ:
     """Backend creator registered with torch (``extended_api=True``); see :mod:`commlayer.backend.creator`."""
     return creator.create(opts, backend_options, ProcessGroupZMQ)
 
