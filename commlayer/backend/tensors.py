@@ -37,8 +37,8 @@ def check_cpu(tensors: Sequence[torch.Tensor], what: str) -> None:
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{what}: expected a torch.Tensor, got {type(t).__name__}")
         if t.device.type != "cpu":
-            raise ValueError(f"{what}: the zmq backend works on CPU tensors, got a tensor on {t.device}; "
-                             "use init_process_group('cpu:zmq,cuda:nccl') or move it to the CPU")
+            raise ValueError(f"{what}: expected a CPU tensor, got one on {t.device} (the zmq process group stages "
+                             "device tensors through host memory itself; this path was given one directly)")
         if t.is_sparse:
             raise ValueError(f"{what}: sparse tensors are not supported by the zmq backend, got layout {t.layout}")
 
@@ -82,3 +82,9 @@ def bounds_of(sizes: Sequence[int]) -> list[tuple[int, int]]:
         out.append((lo, lo + n))
         lo += n
     return out
+
+
+def one(items: Sequence[object], what: str, kind: str = "tensor") -> None:
+    """Raises unless ``items`` holds exactly one element (one tensor per process on CPU)."""
+    if len(items) != 1:
+        raise ValueError(f"{what}: expected exactly one {kind} per process on CPU, got {len(items)}")

@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import threading
 from datetime import timedelta
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
 
-from typing import Callable
-
 from commlayer.transport.errors import CommError, CommTimeout, rewrap
+
+
+def timed_out_message(what: str, seconds: float, detail: str = "") -> str:
+    """Timeout wording compatible with gloo's ("Timed out waiting <ms>ms for ..."), which user code matches."""
+    tail = f": {detail}" if detail else ""
+    return f"{what}: Timed out waiting {max(1, round(seconds * 1000))}ms (timeout) for the operation to complete{tail}"
 
 
 def _unwrap(fut: torch.futures.Future) -> Any:
@@ -83,7 +87,7 @@ class ZmqWork(dist._Work):
         margin = 0.0 if explicit or self.on_timeout is not None else 5.0
         if not self._event.wait(secs + margin):
             if self.on_timeout is None or self.on_timeout():
-                raise CommTimeout(f"{self._what}: not complete after {secs:.1f} s")
+                raise CommTimeout(timed_out_message(self._what, secs))
             self._event.wait(1.0)  # it completed while being withdrawn
         if self._error is not None:
             raise self._error

@@ -97,8 +97,10 @@ def run(args: argparse.Namespace) -> int:
     print(f"\n{args.nproc} ranks, {links.name}, {mode} mode; target eval loss {target}; time = training time "
           "(evaluation excluded); MB/step = bytes all ranks put on the emulated links per step")
     print(format_table(rows, configs[0]))
-    plot(res.results, args.png, f"time to accuracy, {args.nproc} ranks, {links.name} ({mode})")
-    print(f"wrote {args.png}")
     if args.json:
         Path(args.json).write_text(json.dumps({"mode": mode, "links": links.name, "rows": rows, "runs": res.results}, indent=1))
+    written, note = plot(res.results, args.png, f"time to accuracy, {args.nproc} ranks, {links.name} ({mode})")
+    if note:
+        print(f"note: {note}")
+    print(f"wrote {written}")
     return 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import statistics
+from pathlib import Path
 from typing import Any
 
 
@@ -56,9 +57,23 @@ def format_table(rows: list[dict[str, Any]], base_config: str) -> str:
     return "\n".join(lines)
 
 
-def plot(runs: list[dict[str, Any]], path: str, title: str) -> None:
-    """Eval loss and accuracy against training time, one line per configuration (first repeat)."""
-    import matplotlib
+def plot(runs: list[dict[str, Any]], path: str, title: str) -> tuple[str, str]:
+    """Eval loss and accuracy against training time, one line per configuration (first repeat).
+
+    Draws ``path`` (PNG) with matplotlib (the ``bench`` extra). Without it, writes the same plot as
+    SVG next to it instead (``x.png`` -> ``x.svg``), so a plain install still gets a picture.
+
+    Returns:
+        (the path written, a note for the user or "").
+    """
+    try:
+        import matplotlib
+    except ImportError:
+        from commlayer.demo.svgplot import write_svg
+
+        svg = str(Path(path).with_suffix(".svg"))
+        write_svg(runs, svg, title)
+        return svg, f"matplotlib is not installed, so no PNG (pip install 'commlayer[bench]' for it); drew {svg} instead"
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -83,3 +98,4 @@ def plot(runs: list[dict[str, Any]], path: str, title: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+    return path, ""

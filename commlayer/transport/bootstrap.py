@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from commlayer.transport.config import TransportConfig
@@ -19,6 +20,7 @@ def connect_transport(store: Any, rank: int, size: int, timeout: float, name: st
         name: label for messages.
         prefix: store key prefix of the endpoint records.
     """
+    prefix = scoped_prefix(store, prefix, rank, size)
     t = Transport(rank, size, TransportConfig.from_env(timeout=timeout), name=name)
     try:
         info = t.listen()
@@ -30,3 +32,23 @@ def connect_transport(store: Any, rank: int, size: int, timeout: float, name: st
         t.close()
         raise
     return t
+
+
+def scoped_prefix(store: Any, prefix: str, rank: int, size: int) -> str:
+    """``prefix`` scoped to this attempt of the job, so a restarted rank never reads a dead attempt's records.
+
+    torchrun keeps its store across elastic restarts and sets ``TORCHELASTIC_RESTART_COUNT``: each
+    attempt publishes under its own key space. Any other reuse of a store (a second group over the
+    same keys) is detected by a join counter and fails fast instead of dialling dead endpoints.
+
+    Raises:
+        RuntimeError: more than ``size`` ranks joined this key space.
+    """
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or "0"
+    scoped = f"{prefix}/attempt{attempt}"
+    joined = int(store.add(f"{scoped}/joined", 1))
+    if joined > size:
+        raise RuntimeError(f"rank {rank}: the c10d store already holds commlayer endpoint records of an earlier group of "
+                           f"{size} ranks under {scoped!r} (this is join #{joined}); a restarted job must rendezvous over a "
+                           "fresh store (torchrun sets TORCHELASTIC_RESTART_COUNT for this), or use another store prefix")
+    return scoped

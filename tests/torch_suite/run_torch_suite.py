@@ -7,7 +7,7 @@
 The upstream launcher (test/distributed/test_distributed_spawn.py) is not in the wheel and only
 accepts gloo/nccl/ucc, so this file does its job: register the backend at module level (spawned
 ranks re-import __main__), declare it in ``DistTestCases.backend_feature`` before importing the
-suite, and spawn one process per rank for each test. See shared/notes/torch-backend.md §12.
+suite, and spawn one process per rank for each test. See docs/torch-backend.md §12.
 """
 
 from __future__ import annotations
