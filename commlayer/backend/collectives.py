@@ -16,6 +16,7 @@ from commlayer.topologies.comm import OpComm, frame_tensor, tensor_bytes, wire_d
 from commlayer.topologies.dense import allreduce as dense_allreduce
 from commlayer.topologies.reduce_ops import ReduceOp, check_op, finalize_
 from commlayer.topologies.ring import ring_allgather, ring_reduce_scatter
+from commlayer.topologies.shm_allreduce import SETUP_STEPS, shm_allreduce
 from commlayer.transport.errors import CommError
 from commlayer.transport.wire import Header, Kind
 
@@ -48,8 +49,8 @@ def _reduce_inplace(pg: "ProcessGroupZMQ", name: str, tensors: Sequence[torch.Te
             flat.buf.mul_(factor)
         if adaptive is not None:
             adaptive.run(comm, flat.buf, op)
-        else:
-            dense_allreduce(comm, flat.buf, op, pg.options.algo, pg.options.ring_order, pg.options.chunk_bytes)
+        elif not shm_allreduce(comm, flat.buf, op, enabled=pg.options.algo == "auto"):  # co-located ranks: shared memory
+            dense_allreduce(comm.shifted(SETUP_STEPS), flat.buf, op, pg.options.algo, pg.options.ring_order, pg.options.chunk_bytes)
         finalize_(flat.buf, op, comm.size)
         flat.commit()
 
