@@ -6,11 +6,14 @@ Reported time is the median over rounds of the slowest rank's mean time per all-
 
 The header prints the machine's core count and memcpy bandwidth (a measured 64 MiB copy), and
 the memory-bandwidth bound of the shared-memory all-reduce co-located ranks use: per rank it
-copies its input in (one memcpy of n bytes), reads its 1/p slice of every input and writes the
-reduced slice (~half a memcpy), and copies the p slices out (one memcpy), so at best
-t = p * 2.5 n / (min(p, cores) * memcpy), i.e. busbw <= 2(p-1)/p * n / t. Also printed: file
+copies its input in except its own slice ((p-1)/p memcpy of n bytes), reads its 1/p slice of
+every input and writes the reduced slice ((1 + 1/p)/2 memcpy), and copies the p slices out (one
+memcpy): at best t = (2.5 p - 0.5) n / (min(p, cores) * memcpy), i.e. busbw <= 2(p-1)/p * n / t
+(memory bandwidth assumed to scale with the cores in use: an upper bound). Also printed: file
 descriptors per rank (this process's count after the zmq group is up, and what the gloo group adds).
-``--busy N`` runs N busy-loop processes meanwhile (the loaded-machine run).
+``--busy N`` runs N busy-loop processes meanwhile (the loaded-machine run). The cpu columns are
+CPU seconds per all-reduce summed over all ranks and their threads: what the collective costs a
+machine that is busy anyway, and less noisy than the wall time when others load it.
 
     python benchmarks/allreduce.py                 # 2 and 4 ranks, 4 B .. 64 MiB
     python benchmarks/allreduce.py --quick         # a short sweep (the README's main job)
@@ -70,7 +73,7 @@ def memcpy_gbps(nbytes: int = 64 << 20, reps: int = 7) -> float:
 
 def shm_bound_busbw(p: int, cores: int, memcpy: float) -> float:
     """GB/s: the bus bandwidth a p-rank shared-memory all-reduce cannot exceed (see the module docstring)."""
-    t_per_byte = p * (2.5 + 0.5 / p) / (min(p, cores) * memcpy)
+    t_per_byte = (2.5 * p - 0.5) / (min(p, cores) * memcpy)
     return 2 * (p - 1) / p / t_per_byte
 
 
@@ -78,16 +81,20 @@ def _fds() -> int:
     return len(os.listdir("/proc/self/fd"))
 
 
-def _time(group: dist.ProcessGroup, t: torch.Tensor, iters: int) -> float:
+def _time(group: dist.ProcessGroup, t: torch.Tensor, iters: int) -> tuple[float, float]:
+    """(seconds per all-reduce on the slowest rank, CPU seconds per all-reduce summed over the ranks)."""
     dist.barrier(group=group)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     for _ in range(iters):
         dist.all_reduce(t, group=group)
     dt = (time.perf_counter() - t0) / iters
+    cpu = (time.process_time() - c0) / iters  # every thread of this process: the I/O threads too
     # The slowest rank defines the collective's time.
     x = torch.tensor([dt], dtype=torch.float64)
     dist.all_reduce(x, op=dist.ReduceOp.MAX, group=group)
-    return float(x.item())
+    c = torch.tensor([cpu], dtype=torch.float64)
+    dist.all_reduce(c, group=group)
+    return float(x.item()), float(c.item())
 
 
 def _worker(rank: int, world: int, sizes: list[int], rounds: int, quick: bool, algo: str, max_iters: int) -> dict:
@@ -105,12 +112,14 @@ def _worker(rank: int, world: int, sizes: list[int], rounds: int, quick: bool, a
         numel = max(1, n // 4)
         t = torch.ones(numel, dtype=torch.float32)
         iters = _iters_for(n, quick, max_iters)
-        res = {"zmq": [], "gloo": []}
+        res: dict[str, list[float]] = {"zmq": [], "gloo": [], "zmq_cpu": [], "gloo_cpu": []}
         for name, g in (("zmq", zmq), ("gloo", gloo)):  # warm-up
             _time(g, t, max(1, iters // 10))
         for _ in range(rounds):
             for name, g in (("zmq", zmq), ("gloo", gloo)):
-                res[name].append(_time(g, t, iters))
+                wall, cpu = _time(g, t, iters)
+                res[name].append(wall)
+                res[f"{name}_cpu"].append(cpu)
         out[n] = {k: statistics.median(v) for k, v in res.items()}
     dist.destroy_process_group()
     return out
@@ -162,15 +171,16 @@ def _sweep(args: argparse.Namespace, nprocs: list[int], sizes: list[int], rounds
         fds = [d["fds"] for d in data]
         print(f"# fds per rank: {statistics.median(f[0] for f in fds):.0f} before init, zmq group +{statistics.median(f[1] for f in fds):.0f}, "
               f"gloo group +{statistics.median(f[2] for f in fds):.0f} (medians over ranks)")
-        print(f"{'size':>10} {'zmq time':>11} {'zmq busbw':>11} {'gloo time':>11} {'gloo busbw':>11} {'speed-up':>9} {'zmq/bound':>9}")
+        print(f"{'size':>10} {'zmq time':>11} {'zmq busbw':>11} {'gloo time':>11} {'gloo busbw':>11} {'speed-up':>9} {'zmq/bound':>9}"
+              f" {'zmq cpu':>10} {'gloo cpu':>10}")
         data = data[0]
         for n in sizes:
             z, g = data[n]["zmq"], data[n]["gloo"]
             bus = lambda t: (n / t) * 2 * (p - 1) / p / 1e9  # noqa: E731 - GB/s, nccl-tests convention
             print(f"{human(n):>10} {z * 1e6:>9.1f}us {bus(z):>8.3f}GB/s {g * 1e6:>9.1f}us {bus(g):>8.3f}GB/s {g / z:>8.2f}x "
-                  f"{bus(z) / bound:>8.2f}", flush=True)
+                  f"{bus(z) / bound:>8.2f} {data[n]['zmq_cpu'] * 1e6:>8.0f}us {data[n]['gloo_cpu'] * 1e6:>8.0f}us", flush=True)
             results.append({"nproc": p, "bytes": n, "zmq_s": z, "gloo_s": g, "zmq_busbw_GBps": bus(z), "gloo_busbw_GBps": bus(g),
-                            "speedup": g / z, "memcpy_GBps": mc, "shm_bound_busbw_GBps": bound, "cores": cores, "busy": args.busy,
+                            "speedup": g / z, "zmq_cpu_s": data[n]["zmq_cpu"], "gloo_cpu_s": data[n]["gloo_cpu"], "memcpy_GBps": mc, "shm_bound_busbw_GBps": bound, "cores": cores, "busy": args.busy,
                             "fds": fds})
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))

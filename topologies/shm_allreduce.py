@@ -6,8 +6,9 @@ segment every rank maps (:mod:`commlayer.transport.shm_region`), and then:
 - small tensors (bytes x ranks <= ``small_bytes``): after one barrier every rank folds all p
   inputs itself, reading them in place;
 - larger ones, in rounds of ``area_bytes``: a reduce-scatter (rank r folds slice r of all p
-  inputs, in place, into its result area), one barrier, and an all-gather (every rank copies the
-  p reduced slices out). The next round's input is published at the same barrier, so a round
+  inputs, in place, into its result area; its own slice it reads from its own tensor, so it
+  never copies that one in), one barrier, and an all-gather (every rank copies the p reduced
+  slices out). The next round's input is published at the same barrier, so a round
   costs one barrier.
 
 Every element is combined in rank order 0, 1, ..., p-1 (``x0 op x1 op ... op x_{p-1}``, the same
@@ -156,20 +157,30 @@ def _allreduce(state: _State, comm: OpComm, flat: torch.Tensor, op: ReduceOp) ->
         return
     cap = reg.area_bytes // esize
     starts = list(range(0, n, cap))
-    reg.inputs((reg.gen + 1) % 2, dt, 0, min(n, cap))[r].copy_(flat[:cap])
-    g = barrier()
-    for k, lo in enumerate(starts):
+
+    def publish(buf: int, lo: int) -> list[tuple[int, int]]:
+        """Copies round ``lo``'s input into area ``buf``, all but this rank's own slice (only it reads that)."""
         hi = min(n, lo + cap)
         bounds = even_bounds(hi - lo, p)
         a, b = bounds[r]
+        area = reg.inputs(buf, dt, 0, hi - lo)[r]
+        area[:a].copy_(flat[lo:lo + a])
+        area[b:].copy_(flat[lo + b:hi])
+        return bounds
+
+    bounds = publish((reg.gen + 1) % 2, 0)
+    g = barrier()
+    for k, lo in enumerate(starts):
+        a, b = bounds[r]
         outs = reg.results((g + 1) % 2, dt, [y - x for x, y in bounds])
-        _fold(outs[r], reg.inputs(g % 2, dt, a, b), op)  # this rank's slice of round k
-        if k + 1 < len(starts):  # publish round k+1's input at the same barrier
-            nlo = starts[k + 1]
-            nhi = min(n, nlo + cap)
-            reg.inputs((g + 1) % 2, dt, 0, nhi - nlo)[r].copy_(flat[nlo:nhi])
+        srcs = reg.inputs(g % 2, dt, a, b)
+        srcs[r] = flat[lo + a:lo + b]
+        _fold(outs[r], srcs, op)  # this rank's slice of round k
+        this = bounds
+        if k + 1 < len(starts):  # round k+1's input goes out at the same barrier
+            bounds = publish((g + 1) % 2, starts[k + 1])
         g = barrier()
-        for (x, y), out in zip(bounds, outs):
+        for (x, y), out in zip(this, outs):
             flat[lo + x:lo + y].copy_(out)
 
 
