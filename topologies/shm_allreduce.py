@@ -193,7 +193,7 @@ def _check_peer(state: _State, comm: OpComm, q: int, now: float, deadline: float
         raise rewrap(err, f"{what}: {err}")
     if state.closed:
         raise CommError(f"{what}: the transport of this rank was shut down")
-    if not shm_region.pid_alive(state.pids[q]):
+    if state.pids[q] and not shm_region.pid_alive(state.pids[q]):
         raise PeerFailure(f"{what}: rank {q} (global rank {gq}, pid {state.pids[q]}) exited while this rank waited for it", peer=gq)
     if now > deadline:
         raise CommTimeout(f"{what}: Timed out after {comm.timeout:.1f} s waiting for rank {q} (global rank {gq}); is it alive "
@@ -217,7 +217,8 @@ def _negotiate(comm: OpComm) -> _State:
     if why:  # the same on every rank: settings and endpoint records are shared
         state = _State(None, why, 0, 0, [])
     else:
-        pids = [group.transport.peer_info[g].pid for g in group.ranks]
+        # A peer in another pid namespace is invisible here: only the transport watches it (pid 0).
+        pids = [pid if shm_region.pid_alive(pid) else 0 for pid in (group.transport.peer_info[g].pid for g in group.ranks)]
         spin = cfg.spin if cfg.spin >= 0 else (200 if comm.size <= (os.cpu_count() or 1) else 0)
         state = _State(None, "", cfg.small_bytes, spin, pids)
         region, state.why, state.small_bytes = _setup(comm, cfg)
