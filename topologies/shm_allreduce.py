@@ -57,7 +57,7 @@ class ShmConfig:
         enabled: ``COMMLAYER_SHM_ALLREDUCE``.
         area_bytes: bytes of a round per rank (two areas each). ``COMMLAYER_SHM_AREA_BYTES``.
         small_bytes: bytes x ranks up to which every rank folds the whole tensor. ``COMMLAYER_SHM_SMALL_BYTES``.
-        spin: flag reads before sleeping (-1: 200 when ranks <= cores, else 0). ``COMMLAYER_SHM_SPIN``.
+        spin: flag scans before sleeping (-1: 20 when ranks <= cores, else 0). ``COMMLAYER_SHM_SPIN``.
     """
 
     enabled: bool = True
@@ -219,7 +219,7 @@ def _negotiate(comm: OpComm) -> _State:
     else:
         # A peer in another pid namespace is invisible here: only the transport watches it (pid 0).
         pids = [pid if shm_region.pid_alive(pid) else 0 for pid in (group.transport.peer_info[g].pid for g in group.ranks)]
-        spin = cfg.spin if cfg.spin >= 0 else (200 if comm.size <= (os.cpu_count() or 1) else 0)
+        spin = cfg.spin if cfg.spin >= 0 else (20 if comm.size <= (os.cpu_count() or 1) else 0)
         state = _State(None, "", cfg.small_bytes, spin, pids)
         region, state.why, state.small_bytes = _setup(comm, cfg)
         state.region = region

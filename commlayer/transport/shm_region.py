@@ -7,10 +7,13 @@ kernel frees the memory when the last rank unmaps it or dies, whatever way it ex
 carries the creator's pid, so a segment left by a creator killed before that point is removed
 by the next :func:`create` on this machine (``remove_stale``).
 
-Waits are bounded: a rank publishes progress by storing a counter into its flag word and waking
-waiters with a futex (Linux, x86-64: stores are seen in program order, so data written before
-the flag is visible to whoever sees the flag). A waiter spins briefly, then sleeps in the futex
-(or, without one, in short sleeps) in slices, calling a liveness check between slices.
+Barriers: a rank arrives by storing the barrier's number into its flag word (x86-64 stores are
+seen in program order, so data written before the flag is visible to whoever sees the flag). A
+rank that then finds every flag set is the last one: it stores the number into the shared
+release word and wakes the sleepers with one FUTEX_WAKE. The others spin briefly, then sleep on
+the release word in slices of ~20 ms; after each slice they re-scan the flags themselves (so a
+missed wake-up costs one slice, never a hang) and call a liveness check. Each waiter wakes once
+per barrier and only the last arriver makes a system call.
 """
 
 from __future__ import annotations
@@ -109,11 +112,11 @@ class Region:
         self.area_bytes, self.result_bytes = area_bytes, result_bytes
         raw = np.frombuffer(mm, dtype=np.uint8)
         self._bytes = torch.from_numpy(raw)  # every view below derives from this one export
-        flags = np.frombuffer(mm, dtype=np.int32, count=nranks * LINE // 4)
-        self._flags = flags[:: LINE // 4]
-        base = flags.ctypes.data
-        self._addr = [base + q * LINE for q in range(nranks)]
-        ctl = _round_up(nranks * LINE, ALIGN)
+        words = np.frombuffer(mm, dtype=np.int32, count=(nranks + 1) * LINE // 4)
+        self._flags = words[: nranks * LINE // 4: LINE // 4]
+        self._release = words[nranks * LINE // 4:][:1]  # its own cache line after the flags
+        self._release_addr = words.ctypes.data + nranks * LINE
+        ctl = _round_up((nranks + 1) * LINE, ALIGN)
         per = 2 * area_bytes + 2 * result_bytes
         self._in = [[ctl + q * per + b * area_bytes for q in range(nranks)] for b in (0, 1)]
         self._res = [[ctl + q * per + 2 * area_bytes + b * result_bytes for q in range(nranks)] for b in (0, 1)]
@@ -122,7 +125,7 @@ class Region:
 
     @staticmethod
     def nbytes(nranks: int, area_bytes: int, result_bytes: int) -> int:
-        return _round_up(nranks * LINE, ALIGN) + nranks * (2 * area_bytes + 2 * result_bytes)
+        return _round_up((nranks + 1) * LINE, ALIGN) + nranks * (2 * area_bytes + 2 * result_bytes)
 
     # ---- data views -------------------------------------------------------------------------
     def _typed(self, kind: int, buf: int, dtype: torch.dtype) -> list[torch.Tensor]:
@@ -146,38 +149,45 @@ class Region:
         """Publishes that this rank reached the next barrier; returns its number."""
         self.gen += 1
         self._flags[self.rank] = self.gen & _MASK
-        _futex.wake(self._addr[self.rank])
         return self.gen
+
+    def _first_missing(self, want: int) -> int:
+        for q, v in enumerate(self._flags.tolist()):
+            if (v - want) & _MASK >= 0x40000000:  # v < want, modulo wrap-around
+                return q
+        return -1
 
     def wait_all(self, gen: int, deadline: float, spin: int, check: Callable[[int, float], None]) -> None:
         """Returns once every rank has arrived at barrier ``gen``.
 
         Args:
             deadline: ``time.monotonic()`` after which ``check`` is told the wait timed out.
-            spin: flag reads before a waiter starts sleeping.
-            check: ``check(rank, now)`` raises if ``rank`` is dead, failed, or the deadline passed;
-                called between sleeping slices (every ~20 ms), never less than once per slow wait.
+            spin: scans before a waiter starts sleeping.
+            check: ``check(rank, now)`` raises if ``rank`` (one not arrived yet) is dead, failed, or
+                the deadline passed; called between sleeping slices (every ~20 ms).
         """
         want = gen & _MASK
-        flags = self._flags
-        for q in range(self.nranks):
-            if q == self.rank:
+        release = self._release
+        n = 0
+        last_check = 0.0
+        while True:
+            v = int(release[0])
+            if (v - want) & _MASK < 0x40000000:
+                return
+            missing = self._first_missing(want)
+            if missing < 0:  # the last to arrive releases everyone
+                release[0] = want
+                _futex.wake(self._release_addr)
+                return
+            n += 1
+            if n <= spin:
                 continue
-            n = 0
-            last_check = 0.0
-            while True:
-                v = int(flags[q])
-                if (v - want) & _MASK < 0x40000000:  # v >= want, modulo wrap-around
-                    break
-                n += 1
-                if n <= spin:
-                    continue
-                now = time.monotonic()
-                if now - last_check >= _SLICE:
-                    if last_check:
-                        check(q, now)
-                    last_check = now
-                _futex.wait(self._addr[q], v, min(_SLICE, max(0.0, deadline - now) + 0.001))
+            now = time.monotonic()
+            if now - last_check >= _SLICE:
+                if last_check:
+                    check(missing, now)
+                last_check = now
+            _futex.wait(self._release_addr, v, min(_SLICE, max(0.0, deadline - now) + 0.001))
 
     def close(self) -> None:
         """Unmaps the segment (later, when the last view dies, if views are still alive)."""
