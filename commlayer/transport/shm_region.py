@@ -151,8 +151,9 @@ class Region:
         self._flags[self.rank] = self.gen & _MASK
         return self.gen
 
-    def _first_missing(self, want: int) -> int:
-        for q, v in enumerate(self._flags.tolist()):
+    @staticmethod
+    def _first_missing(flags: np.ndarray, want: int) -> int:
+        for q, v in enumerate(flags.tolist()):
             if (v - want) & _MASK >= 0x40000000:  # v < want, modulo wrap-around
                 return q
         return -1
@@ -167,14 +168,14 @@ class Region:
                 the deadline passed; called between sleeping slices (every ~20 ms).
         """
         want = gen & _MASK
-        release = self._release
+        release, flags = self._release, self._flags  # kept alive here even if close() runs meanwhile
         n = 0
         last_check = 0.0
         while True:
             v = int(release[0])
             if (v - want) & _MASK < 0x40000000:
                 return
-            missing = self._first_missing(want)
+            missing = self._first_missing(flags, want)
             if missing < 0:  # the last to arrive releases everyone
                 release[0] = want
                 _futex.wake(self._release_addr)
