@@ -94,6 +94,10 @@ SETTINGS: dict[str, Setting] = {
         Setting("COMMLAYER_RING_ORDER", str, "", "group", "ring order, comma-separated group ranks (empty = identity)", readme=True),
         Setting("COMMLAYER_PS_SERVERS", int, 1, "group", "parameter-server shards of `COMMLAYER_ALGO=ps` (at most the group size)"),
         Setting("COMMLAYER_SMALL_BYTES", int, 64 * 1024, "group", "`auto`: tree below this many bytes, ring above"),
+        Setting("COMMLAYER_SHM_ALLREDUCE", bool, True, "group", "all_reduce through one shared-memory region when every rank of the group is on this machine (algo auto)"),
+        Setting("COMMLAYER_SHM_AREA_BYTES", int, 4 << 20, "group", "bytes per rank and round of the shared-memory all_reduce (two areas per rank)"),
+        Setting("COMMLAYER_SHM_SMALL_BYTES", int, 512 << 10, "group", "up to this many bytes x ranks every rank reduces the whole tensor (one barrier)"),
+        Setting("COMMLAYER_SHM_SPIN", int, -1, "group", "flag scans before a shared-memory wait sleeps (-1: 20 when ranks <= cores, else 0)"),
         # adaptation
         Setting("COMMLAYER_ADAPT", str, "auto", "adapt", "link probing + planner: auto = when some peer is remote, 1 = always, 0 = never", readme=True),
         Setting("COMMLAYER_METRICS", str, "", "adapt", "JSON-lines file for the controller's measurements and decisions", readme=True),

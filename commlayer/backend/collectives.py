@@ -12,14 +12,15 @@ from commlayer.backend.runtime import GroupRuntime
 from commlayer.topologies.comm import OpComm
 from commlayer.topologies.dense import allreduce as dense_allreduce
 from commlayer.topologies.reduce_ops import ReduceOp
+from commlayer.topologies.shm_allreduce import SETUP_STEPS, shm_allreduce
 
 
 def exact_allreduce(rt: GroupRuntime, comm: OpComm, buf: torch.Tensor, op: ReduceOp) -> None:
     """Runs the exact all-reduce the group's options (or its link-aware controller) choose."""
     if rt.adaptive is not None:
         rt.adaptive.run(comm, buf, op)
-    else:
-        dense_allreduce(comm, buf, op, rt.options.algo, rt.options.ring_order, rt.options.chunk_bytes)
+    elif not shm_allreduce(comm, buf, op, enabled=rt.options.algo == "auto"):  # every rank co-located: shared memory
+        dense_allreduce(comm.shifted(SETUP_STEPS), buf, op, rt.options.algo, rt.options.ring_order, rt.options.chunk_bytes)
 
 
 def codec_algorithm(rt: GroupRuntime) -> str:

@@ -104,6 +104,7 @@ class Transport(Receiver):
         self.on_send: Callable[[int, int, float], None] | None = None
         self.endpoint: EndpointInfo | None = None
         self.peer_info: dict[int, EndpointInfo] = {}
+        self._close_hooks: list[Callable[[], None]] = []  # add_close_hook(): run by close()
 
     def _set_heartbeat(self, sock: zmq.Socket) -> None:
         ivl = max(1, int(self.config.heartbeat * 1000))
@@ -276,6 +277,10 @@ class Transport(Receiver):
         """``callback(peer, reason)`` runs (on the I/O thread) when a peer fails."""
         self._listeners.append(callback)
 
+    def add_close_hook(self, fn: Callable[[], None]) -> None:
+        """``fn()`` runs once in :meth:`close`, after every wait was failed (e.g. unmaps a shared-memory region)."""
+        self._close_hooks.append(fn)
+
     def remove_failure_listener(self, callback: Callable[[int, str], None]) -> None:
         if callback in self._listeners:
             self._listeners.remove(callback)
@@ -310,6 +315,11 @@ class Transport(Receiver):
                 self._ctrl_send.send(b"stop")
             self._io_thread.join(timeout=10)
         self.mailbox.close(TransportClosed(f"rank {self.rank}: the commlayer transport was shut down"))
+        for hook in self._close_hooks:
+            try:
+                hook()
+            except Exception:  # pragma: no cover - best effort, the sockets must still close
+                logger.warning("rank %d: a close hook failed", self.rank, exc_info=True)
         got_rx = self._rx_lock.acquire(timeout=2.0)  # let a thread inside _pump() leave the socket
         try:
             linger = int(self.config.linger * 1000)
