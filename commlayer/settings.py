@@ -76,6 +76,10 @@ SETTINGS: dict[str, Setting] = {
         Setting("COMMLAYER_SOCKBUF", int, 0, "transport", "kernel socket buffer size in bytes (0 = OS default)"),
         Setting("COMMLAYER_SHM", bool, True, "transport", "shared-memory rings for co-located peers"),
         Setting("COMMLAYER_SHM_BYTES", int, 32 << 20, "transport", "size of each shared-memory ring"),
+        Setting("COMMLAYER_MAILBOX_PEER_BYTES", int, 2 << 30, "transport", "bound on bytes one peer may have buffered for operations not started yet"),
+        Setting("COMMLAYER_MAILBOX_MESSAGE_BYTES", int, 2 << 30, "transport", "bound on the bytes of one message buffered before its operation starts"),
+        Setting("COMMLAYER_ENCRYPT", str, "auto", "transport", "CurveZMQ encryption: auto (on when listening on a non-loopback address), on, off"),
+        Setting("COMMLAYER_DEBUG", str, "off", "transport", "off, or detail: also compare every call's tensor shapes across ranks (TORCH_DISTRIBUTED_DEBUG=DETAIL does the same)"),
         # per group
         Setting("COMMLAYER_ALGO", str, "auto", "group", "all_reduce algorithm: auto, ring, tree, ps"),
         Setting("COMMLAYER_CODEC", str, "", "group", "codec spec for float all_reduce SUM/AVG (empty = exact)"),

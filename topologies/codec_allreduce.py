@@ -98,6 +98,7 @@ def codec_allreduce(comm: OpComm, flat: torch.Tensor, codec: Codec, ctx: CodecCo
         ValueError: invalid mode for the codec, or ``ctx`` not describing ``flat``.
     """
     _check(flat, ctx)
+    comm.declare(count=flat.numel(), dtype=flat.dtype, redop="avg" if average else "sum")
     mode = aggregation_mode(codec, mode)
     p = comm.size
     if algo not in ("auto", "ring", "tree"):

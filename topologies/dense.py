@@ -31,6 +31,7 @@ def allreduce(comm: OpComm, flat: torch.Tensor, op: ReduceOp, algo: str = "auto"
     """
     if algo not in ALGORITHMS:
         raise ValueError(f"Expected algo in {ALGORITHMS}, got {algo!r}")
+    comm.declare(count=flat.numel(), dtype=flat.dtype, redop=op)
     if algo == "auto":
         algo = choose_algorithm(flat.numel() * flat.element_size(), comm.size)
     if algo == "ring":

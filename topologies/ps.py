@@ -36,8 +36,8 @@ from commlayer.topologies.p2p import Inbox, buf, send_p2p
 from commlayer.topologies.reduce_ops import ReduceOp, combine_, finalize_
 from commlayer.topologies.ring import even_bounds
 from commlayer.transport.errors import CommError, PeerFailure
+from commlayer.transport import envelope
 from commlayer.transport.mailbox import Message
-from commlayer.transport.wire import Header, Kind
 
 if TYPE_CHECKING:
     from commlayer.topologies.world import World
@@ -47,7 +47,7 @@ logger = logging.getLogger(__name__)
 TAG = 9
 MODES = ("sync", "async")
 OPTIMIZERS = ("sgd", "adam")
-_AGG, _PULL = 1, 2  # reply kinds (the reply's step)
+_AGG, _PULL = "agg", "pull"  # reply kinds: each has its own reply channel; the shard is the reply's chunk
 
 
 def default_servers(size: int) -> int:
@@ -61,6 +61,7 @@ def ps_allreduce(comm: OpComm, flat: torch.Tensor, op: ReduceOp, servers: int | 
     with identical bits. AVG is left as a SUM (the caller divides), as in the other collectives.
     """
     p, me, n = comm.size, comm.rank, flat.numel()
+    comm.declare(count=n, dtype=flat.dtype, redop=op)
     if p == 1 or n == 0:
         return
     s_count = min(p, servers or default_servers(p))
@@ -193,9 +194,9 @@ class ParameterServer(Topology):
             return None
         return CodecContext((n,), dtype, f"{self.group.channel}/{key}", step, self.world.seed)
 
-    def _recv_reply(self, seq: int, kind: int, s: int) -> Message:
-        return self.world.transport.recv(self.reply_channel, seq, kind, s, self._server_of(s), self.world.timeout,
-                                         f"parameter server reply (kind {kind}, #{seq}, shard {s})")
+    def _recv_reply(self, seq: int, kind: str, s: int) -> Message:
+        return self.world.transport.recv(f"{self.reply_channel}/{kind}", seq, 0, s, self._server_of(s), self.world.timeout,
+                                         f"parameter server {kind} reply #{seq}, shard {s}")
 
     def _allreduce(self, flat: torch.Tensor, op: ReduceOp, codec: Codec | None, downlink: "str | Codec | None" = None) -> torch.Tensor:
         if not self.is_worker:
@@ -276,9 +277,9 @@ class ParameterServer(Topology):
     def _live_workers(self) -> list[int]:
         return [w for w in self.workers if w not in self.world.dead and w not in self._done]
 
-    def _reply(self, w: int, seq: int, kind: int, s: int, frames: list, meta: dict) -> None:
+    def _reply(self, w: int, seq: int, kind: str, s: int, frames: list, meta: dict) -> None:
         frames = [buf(f) for f in frames]
-        h = Header(Kind.DATA, "ps", self.reply_channel, seq, kind, s, self.me, "", (), (), meta)
+        h = envelope.data("ps", f"{self.reply_channel}/{kind}", seq, self.me, chunk=s, meta=meta)
         try:
             self.world.transport.send(w, h, frames)
         except PeerFailure:

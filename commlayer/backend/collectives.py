@@ -17,7 +17,7 @@ from commlayer.topologies.dense import allreduce as dense_allreduce
 from commlayer.topologies.reduce_ops import ReduceOp, check_op, finalize_
 from commlayer.topologies.ring import ring_allgather, ring_reduce_scatter
 from commlayer.transport.errors import CommError
-from commlayer.transport.wire import Header, Kind
+from commlayer.transport import envelope
 
 if TYPE_CHECKING:
     from commlayer.backend.process_group import ProcessGroupZMQ
@@ -261,7 +261,7 @@ def send(self: "ProcessGroupZMQ", tensors: list[torch.Tensor], dstRank: int, tag
     # Snapshot large tensors so the caller may reuse them at once; small ones are copied by ZeroMQ.
     snap = t.contiguous().clone() if t.numel() * t.element_size() >= self.transport.config.copy_threshold else t.contiguous()
     data = tensor_bytes(snap)
-    h = Header(Kind.DATA, "p2p", self.group.channel, int(tag), 0, 0, self.transport.rank, wire_dtype(t.dtype), (t.numel(),))
+    h = envelope.p2p(self.group.channel, tag, self.transport.rank, dtype=wire_dtype(t.dtype), shape=(t.numel(),))
     self.transport.send(self.group.ranks[dstRank], h, [data] if len(data) else [])
     return self.done(tensors, f"send to rank {dstRank} (tag {tag}) in group {self.group_label!r}")
 
@@ -290,8 +290,8 @@ def _post_recv(self: "ProcessGroupZMQ", tensors: list[torch.Tensor], src: int | 
         work._source = self.group.ranks.index(h.src)
         work.set_done()
 
-    self.transport.mailbox.post_p2p(self.group.channel, int(tag), None if src is None else self.group.ranks[src], on_message)
-    work.on_timeout = lambda: self.transport.mailbox.cancel_p2p(self.group.channel, int(tag), on_message)
+    self.transport.post_p2p(self.group.channel, int(tag), None if src is None else self.group.ranks[src], on_message)
+    work.on_timeout = lambda: self.transport.cancel_p2p(self.group.channel, int(tag), on_message)
     return work
 
 

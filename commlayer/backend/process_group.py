@@ -96,7 +96,7 @@ class ProcessGroupZMQ(dist.ProcessGroup):
     def _abort(self, error: BaseException) -> None:
         if self._error is None:
             self._error = error
-        self.transport.mailbox.abort_channel(self.group.channel, self._error)
+        self.transport.abort_channel(self.group.channel, self._error)
 
     def _check_usable(self, what: str) -> None:
         if self._shutdown:
@@ -114,7 +114,7 @@ class ProcessGroupZMQ(dist.ProcessGroup):
         """Issues collective ``name``: numbers it now, runs ``fn(comm)`` on the executor."""
         self._check_usable(name)
         timeout = self._timeout_of(opts)
-        comm = self.group.op(name, timeout=timeout)
+        comm = self.group.op(name, timeout=timeout, tensors=outputs)
         work = ZmqWork(outputs, comm.describe(), timeout)
 
         def job() -> None:
@@ -151,7 +151,7 @@ class ProcessGroupZMQ(dist.ProcessGroup):
                     _world_transport = None
             self.transport.close(reason=str(self._error) if self._error is not None else "")
         else:
-            self.transport.mailbox.drop_channel(self.group.channel)
+            self.transport.drop_channel(self.group.channel)
 
     def abort(self) -> None:
         self._abort(TransportClosed(f"process group {self.group_label!r} was aborted"))

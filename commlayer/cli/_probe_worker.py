@@ -17,7 +17,8 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from commlayer.transport.wire import Header, Kind
+from commlayer.transport import envelope
+from commlayer.transport.wire import Kind
 
 _CH = "commlayer-probe"
 _TIMEOUT_S = 60.0
@@ -27,7 +28,7 @@ def _ping(tr, rank: int, peer: int, n: int, seq0: int) -> float:  # type: ignore
     rtts = []
     for k in range(n):
         t0 = time.perf_counter()
-        tr.send(peer, Header(Kind.PING, "ping", _CH, seq0 + k, 0, 0, rank, meta={"t": t0}), [])
+        tr.send(peer, envelope.control(Kind.PING, _CH, rank, seq=seq0 + k, meta={"t": t0}), [])
         tr.recv(_CH, seq0 + k, 0, 0, peer, _TIMEOUT_S)
         rtts.append(time.perf_counter() - t0)
     return statistics.median(rtts)
@@ -38,13 +39,13 @@ def _bulk_send(tr, rank: int, peer: int, rtt: float, max_bytes: int, seq0: int) 
     while True:
         payload = bytes(size)
         t0 = time.perf_counter()
-        tr.send(peer, Header(Kind.DATA, "probe-bulk", _CH, seq0 + k, 0, 0, rank), [payload])
+        tr.send(peer, envelope.data("probe-bulk", _CH, seq0 + k, rank), [payload])
         tr.recv(_CH, seq0 + k, 1, 0, peer, _TIMEOUT_S)  # the receiver's ack
         el = time.perf_counter() - t0
         best = max(best, size * 8 / max(el - rtt, 1e-6) / 1e6)
         k += 1
         if el > 0.25 or size >= max_bytes or k >= 12:
-            tr.send(peer, Header(Kind.DATA, "probe-bulk", _CH, seq0 + k, 0, 0, rank, meta={"done": 1}), [])
+            tr.send(peer, envelope.data("probe-bulk", _CH, seq0 + k, rank, meta={"done": 1}), [])
             return best
         size = min(max_bytes, size * 4)
 
@@ -54,7 +55,7 @@ def _bulk_recv(tr, rank: int, peer: int, seq0: int) -> None:  # type: ignore[no-
         msg = tr.recv(_CH, seq0 + k, 0, 0, peer, _TIMEOUT_S)
         if msg.header.meta.get("done"):
             return
-        tr.send(peer, Header(Kind.DATA, "probe-ack", _CH, seq0 + k, 1, 0, rank), [])
+        tr.send(peer, envelope.data("probe-ack", _CH, seq0 + k, rank, step=1), [])
 
 
 def main(argv: list[str] | None = None) -> int:

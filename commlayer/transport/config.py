@@ -5,25 +5,15 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-
-def _env_float(name: str, default: float) -> float:
-    raw = os.environ.get(name)
-    if raw is None or raw == "":
-        return default
-    try:
-        return float(raw)
-    except ValueError:
-        raise ValueError(f"{name}: expected a number, got {raw!r}") from None
+from commlayer import settings
 
 
-def _env_int(name: str, default: int) -> int:
-    raw = os.environ.get(name)
-    if raw is None or raw == "":
-        return default
-    try:
-        return int(raw)
-    except ValueError:
-        raise ValueError(f"{name}: expected an integer, got {raw!r}") from None
+def debug_detail() -> bool:
+    """``COMMLAYER_DEBUG=detail`` or torch's ``TORCH_DISTRIBUTED_DEBUG=DETAIL``: check every call's shapes across ranks."""
+    mode = str(settings.get("COMMLAYER_DEBUG")).strip().lower()
+    if mode not in ("off", "detail", ""):
+        raise ValueError(f"COMMLAYER_DEBUG: expected off or detail, got {mode!r}")
+    return mode == "detail" or os.environ.get("TORCH_DISTRIBUTED_DEBUG", "").upper() == "DETAIL"
 
 
 @dataclass(frozen=True)
@@ -39,6 +29,8 @@ class TransportConfig:
         linger: seconds to flush outgoing messages at shutdown. ``COMMLAYER_LINGER``.
         mailbox_bytes: bound on bytes buffered for operations not started yet. ``COMMLAYER_MAILBOX_BYTES``.
         mailbox_messages: bound on such messages. ``COMMLAYER_MAILBOX_MESSAGES``.
+        mailbox_peer_bytes: bound on such bytes from one peer. ``COMMLAYER_MAILBOX_PEER_BYTES``.
+        mailbox_message_bytes: bound on one such message. ``COMMLAYER_MAILBOX_MESSAGE_BYTES``.
         copy_threshold: frames below this many bytes are copied, larger ones sent zero-copy.
         hwm: ZeroMQ high-water mark (messages queued per peer before send blocks).
         sockbuf: kernel socket buffer size in bytes (0 = the OS default). ``COMMLAYER_SOCKBUF``.
@@ -53,6 +45,8 @@ class TransportConfig:
     linger: float = 2.0
     mailbox_bytes: int = 4 << 30
     mailbox_messages: int = 1 << 20
+    mailbox_peer_bytes: int = 2 << 30
+    mailbox_message_bytes: int = 2 << 30
     copy_threshold: int = 64 * 1024
     hwm: int = 100_000
     sockbuf: int = 0
@@ -70,14 +64,17 @@ class TransportConfig:
 
     @classmethod
     def from_env(cls, timeout: float | None = None) -> "TransportConfig":
+        g = settings.get
         return cls(
-            port=_env_int("COMMLAYER_PORT", 0),
-            ipc=os.environ.get("COMMLAYER_IPC", "1") not in ("0", "false", "no"),
-            timeout=timeout if timeout is not None else _env_float("COMMLAYER_TIMEOUT", 1800.0),
-            heartbeat=_env_float("COMMLAYER_HEARTBEAT", 2.0),
-            linger=_env_float("COMMLAYER_LINGER", 2.0),
-            mailbox_bytes=_env_int("COMMLAYER_MAILBOX_BYTES", 4 << 30),
-            mailbox_messages=_env_int("COMMLAYER_MAILBOX_MESSAGES", 1 << 20),
-            sockbuf=_env_int("COMMLAYER_SOCKBUF", 0),
-            shm_bytes=_env_int("COMMLAYER_SHM_BYTES", 32 << 20) if os.environ.get("COMMLAYER_SHM", "1") not in ("0", "false", "no") else 0,
+            port=g("COMMLAYER_PORT"),
+            ipc=g("COMMLAYER_IPC"),
+            timeout=timeout if timeout is not None else g("COMMLAYER_TIMEOUT"),
+            heartbeat=g("COMMLAYER_HEARTBEAT"),
+            linger=g("COMMLAYER_LINGER"),
+            mailbox_bytes=g("COMMLAYER_MAILBOX_BYTES"),
+            mailbox_messages=g("COMMLAYER_MAILBOX_MESSAGES"),
+            mailbox_peer_bytes=g("COMMLAYER_MAILBOX_PEER_BYTES"),
+            mailbox_message_bytes=g("COMMLAYER_MAILBOX_MESSAGE_BYTES"),
+            sockbuf=g("COMMLAYER_SOCKBUF"),
+            shm_bytes=g("COMMLAYER_SHM_BYTES") if g("COMMLAYER_SHM") else 0,
         )
