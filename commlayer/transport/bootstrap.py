@@ -57,3 +57,4 @@ def handshake(t: Transport, timeout: float) -> None:
                               + ". Check COMMLAYER_HOST on those ranks, firewalls and COMMLAYER_CONNECT_OVERRIDES") from None
         if msg.header.meta.get("world_size") != t.world_size:
             raise CommError(f"rank {p} runs with world_size {msg.header.meta.get('world_size')}, this rank with {t.world_size}")
+    t.release_ipc_path()  # every peer's HELLO came over its connection to us: nobody needs the path any more

@@ -14,7 +14,7 @@ import os
 import threading
 import time
 import uuid
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from typing import Any, Callable, Sequence
 
 import zmq
@@ -27,7 +27,7 @@ from commlayer.transport.flush import Flush
 from commlayer.transport.mailbox import Limits, Mailbox, Message, P2PCallback
 from commlayer.transport.receive import Receiver
 from commlayer.transport.security import Credentials, CurveKeys, keys_from_env, start_authenticator
-from commlayer.transport.sockets import MONITOR_EVENTS, dealer_socket, router_socket, send_frames
+from commlayer.transport.sockets import MONITOR_EVENTS, Peer, dealer_socket, router_socket, send_frames
 from commlayer.transport.wire import Call, Header, Kind, with_sizes
 
 Observer = Callable[[int, int, float], None]
@@ -35,24 +35,6 @@ Observer = Callable[[int, int, float], None]
 logger = logging.getLogger(__name__)
 
 _HELLO = "__hello__"
-
-
-@dataclass
-class _Peer:
-    rank: int
-    endpoint: str
-    sock: zmq.Socket
-    monitor: zmq.Socket | None
-    lock: threading.Lock = field(default_factory=threading.Lock)
-    state: str = "connecting"  # connecting | connected | left | dead
-    suspect_since: float = 0.0  # when its connection dropped (0 = not suspected)
-    shm_ok: bool = False  # co-located: large payloads may go through shared memory
-    shm_out: Any = None  # shm.Producer towards the peer (made on the first large payload)
-    shm_in: Any = None  # shm.Consumer of the peer's ring towards us (opened on first use)
-    bytes_sent: int = 0
-    bytes_recv: int = 0
-    msgs_sent: int = 0
-    msgs_recv: int = 0
 
 
 class Transport(Receiver):
@@ -78,6 +60,8 @@ class Transport(Receiver):
         self.mailbox = Mailbox(Limits(c.mailbox_bytes, c.mailbox_messages, c.mailbox_peer_bytes, c.mailbox_message_bytes), rank)
         self.mailbox.add_mismatch_listener(self._warn_mismatch)
         self.rejected = 0
+        self.first_failure: int | None = None  # the first rank this rank found failed (told to peers in its goodbye)
+        self.stalled: tuple[float, float] = (0.0, 0.0)  # (when, seconds) of this process's last stall
         self._ctx = zmq.Context(io_threads=1)
         if creds is None:
             keys = curve if curve is not None else keys_from_env(rank, world_size)
@@ -86,7 +70,7 @@ class Transport(Receiver):
         self.curve = creds.curve if creds.encrypt else None  # this rank's server encrypts
         self._auth = start_authenticator(self._ctx, creds)
         self._router = router_socket(self._ctx, self.config, creds)
-        self._peers: dict[int, _Peer] = {}
+        self._peers: dict[int, Peer] = {}
         self._listeners: list[Callable[[int, str], None]] = []
         self._io_thread: threading.Thread | None = None
         self._ctrl_send: zmq.Socket | None = None
@@ -158,7 +142,7 @@ class Transport(Receiver):
             sock = dealer_socket(self._ctx, self.config, self.creds, self.rank, p, info.curve_public)
             monitor = sock.get_monitor_socket(MONITOR_EVENTS)
             sock.connect(ep)
-            self._peers[p] = _Peer(p, ep, sock, monitor)
+            self._peers[p] = Peer(p, ep, sock, monitor)
             self._peers[p].shm_ok = ep == info.ipc and bool(self.config.shm_bytes) and shm.available()
         ctrl_recv, self._ctrl_send = self._pair("ctrl")
         wake_recv, self._wake_send = self._pair("wake")
@@ -195,8 +179,10 @@ class Transport(Receiver):
         if p.state in ("dead", "left") or self._closing.is_set():
             if self._closing.is_set():
                 raise TransportClosed(f"{header.op} #{header.seq}: the transport of rank {self.rank} is shut down")
-            raise PeerFailure(f"{header.op} #{header.seq} in {header.channel!r}: cannot send to rank {peer}, it "
-                              + ("shut down" if p.state == "left" else "failed"), peer=peer)
+            why = self.mailbox.failure_for("", peer)  # names the rank to blame (maybe not ``peer``)
+            raise PeerFailure(f"{header.op} #{header.seq} in {header.channel!r}: cannot send to rank {peer}: "
+                              + (str(why) if why is not None else "it " + ("shut down" if p.state == "left" else "failed")),
+                              peer=getattr(why, "peer", peer))
         if frames and not header.nbytes:
             header = with_sizes(header, frames)
         if p.shm_ok and frames and sum(header.nbytes) >= self.config.shm_min:
@@ -272,6 +258,16 @@ class Transport(Receiver):
             except CommError:
                 pass
 
+    def release_ipc_path(self) -> None:
+        """Unlinks the ipc:// socket file once every peer is connected (connections stay): nothing is left
+        in the IPC directory however the process exits later."""
+        if self._ipc_file:
+            try:
+                os.unlink(self._ipc_file)
+            except OSError:
+                pass
+            self._ipc_file = ""
+
     @property
     def all_local(self) -> bool:
         """True when every peer is on this machine (reached over ipc://, with shared memory)."""
@@ -305,8 +301,10 @@ class Transport(Receiver):
             if p.state in ("connecting", "connected"):
                 try:
                     with p.lock:
-                        p.sock.send(envelope.control(Kind.BYE, _HELLO, self.rank,
-                                                     meta={"reason": reason[:1000]} if reason else {}).pack(), zmq.NOBLOCK)
+                        meta: dict[str, Any] = {"reason": reason[:1000]} if reason else {}
+                        if self.first_failure is not None:
+                            meta["failed"] = self.first_failure
+                        p.sock.send(envelope.control(Kind.BYE, _HELLO, self.rank, meta=meta).pack(), zmq.NOBLOCK)
                 except zmq.ZMQError:
                     pass
         self._closing.set()
@@ -341,11 +339,7 @@ class Transport(Receiver):
                 p.shm_out.close()
             if p.shm_in is not None:
                 p.shm_in.close()
-        if self._ipc_file:
-            try:
-                os.unlink(self._ipc_file)
-            except OSError:
-                pass
+        self.release_ipc_path()
 
     @property
     def closed(self) -> bool:

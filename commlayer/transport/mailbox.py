@@ -74,7 +74,7 @@ class Mailbox:
         self._p2p: dict[tuple[str, int], deque[Message]] = {}
         self._posted: dict[tuple[str, int], deque[tuple[int | None, P2PCallback]]] = {}
         self._calls: dict[str, OrderedDict[int, _Expected]] = {}
-        self._dead: dict[int, str] = {}
+        self._dead: dict[int, tuple[str, int]] = {}  # peer -> (why, the rank to blame)
         self._aborted: dict[str, BaseException] = {}
         self._closed: BaseException | None = None
         self._bytes = 0
@@ -200,9 +200,10 @@ class Mailbox:
                 self._unstore(msg)
                 return msg
             err = self._failure_for(key[0], key[4])
+            aborted = key[0] in self._aborted
         if err is not None:
-            if isinstance(err, PeerFailure) and err.peer == key[4] and key[0] not in self._aborted:
-                raise PeerFailure(f"{what}: {err}", peer=key[4])
+            if isinstance(err, PeerFailure) and not aborted:
+                raise PeerFailure(f"{what}: {err}", peer=err.peer)
             raise err
         return None
 
@@ -243,24 +244,38 @@ class Mailbox:
         if channel in self._aborted:
             return self._aborted[channel]
         if src is not None and src in self._dead:
-            return PeerFailure(f"rank {src} is gone: {self._dead[src]}", peer=src)
+            return self._blame(src)
         return None
+
+    def _blame(self, src: int) -> PeerFailure:
+        """The failure of a wait on ``src``, naming the rank that actually failed."""
+        why, culprit = self._dead[src]
+        if culprit == src:
+            return PeerFailure(f"rank {src} is gone: {why}", peer=src)
+        if culprit == self.rank:
+            return PeerFailure(f"this rank (rank {self.rank}) stalled and was dropped by rank {src}: {why}", peer=culprit)
+        return PeerFailure(f"rank {culprit} failed: rank {src}, which this wait needed, {why}", peer=culprit)
 
     def failure_for(self, channel: str, src: int | None) -> BaseException | None:
         """The error a wait on ``src`` in ``channel`` would raise now, or None."""
         with self._lock:
             return self._failure_for(channel, src)
 
-    def peer_failed(self, peer: int, reason: str) -> None:
-        """Fails every posted receive on ``peer``; later waits on it fail at once."""
+    def peer_failed(self, peer: int, reason: str, culprit: int | None = None) -> None:
+        """Fails every posted receive on ``peer``; later waits on it fail at once.
+
+        Args:
+            culprit: the rank to blame when it is not ``peer`` (``peer`` left because ``culprit`` failed;
+                this rank's own number when ``peer`` dropped this rank for being silent).
+        """
         callbacks = []
         with self._lock:
-            self._dead.setdefault(peer, reason)
+            self._dead.setdefault(peer, (reason, peer if culprit is None else culprit))
+            err = self._blame(peer)
             for posted in self._posted.values():
                 for p in [p for p in posted if p[0] == peer]:
                     posted.remove(p)
                     callbacks.append(p[1])
-        err = PeerFailure(f"rank {peer} failed ({reason})", peer=peer)
         for cb in callbacks:
             cb(None, err)
 
@@ -307,7 +322,8 @@ class Mailbox:
     def stats(self) -> dict[str, int]:
         with self._lock:
             return {"messages": len(self._box) + sum(len(q) for q in self._p2p.values()), "bytes": self._bytes,
-                    "peers_holding": sum(1 for v in self._peer_bytes.values() if v)}
+                    "peers_holding": sum(1 for v in self._peer_bytes.values() if v),
+                    "waiters": sum(len(q) for q in self._posted.values())}
 
 
 def timeout_error(what: str, src: int, timeout: float) -> CommTimeout:

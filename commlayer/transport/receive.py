@@ -110,8 +110,15 @@ class Receiver:
         idle.register(self._router, zmq.POLLIN)
         grace = 0.005  # the I/O thread reads the socket only after operations left it alone this long (bounds the
         # latency of threads that wait on the mailbox instead of reading, e.g. gossip and PS servers)
+        last = time.monotonic()
         try:
             while True:
+                now = time.monotonic()
+                if now - last > max(2 * self.config.heartbeat, 2.0):  # this process did not run: peers may drop it
+                    self.stalled = (now, now - last)
+                    logger.warning("rank %d: this process was stalled for %.1f s (stopped, swapped out or starved)", self.rank,
+                                   now - last)
+                last = now
                 events: dict = {}
                 if self._rx_demand == 0 and time.monotonic() - self._last_demand > grace:
                     if self._rx_lock.acquire(timeout=0.05):
@@ -180,8 +187,19 @@ class Receiver:
         elif header.kind == Kind.BYE:
             p.state = "left"
             why = header.meta.get("reason")
-            self.mailbox.peer_failed(header.src, "it shut down its process group (destroy_process_group or exit) before sending"
-                                     + (f", after: {why}" if isinstance(why, str) and why else ""))
+            failed = header.meta.get("failed")
+            culprit = failed if isinstance(failed, int) and not isinstance(failed, bool) and 0 <= failed < self.world_size \
+                and failed != header.src else header.src
+            if culprit == self.rank:
+                text = (f"rank {header.src} heard nothing from this rank for too long (was this process stopped, swapped out or "
+                        "starved?) and shut down")
+            elif culprit != header.src:
+                text = f"shut down after it found rank {culprit} failed"
+            else:
+                text = "it shut down its process group (destroy_process_group or exit) before sending"
+            if culprit != header.src and self.first_failure is None:
+                self.first_failure = culprit
+            self.mailbox.peer_failed(header.src, text + (f", after: {why}" if isinstance(why, str) and why else ""), culprit)
             for cb in list(self._listeners):
                 cb(header.src, "left")
         elif header.kind == Kind.PING:
@@ -252,8 +270,16 @@ class Receiver:
         if p.state == "dead":
             return
         p.state = "dead"
+        culprit = peer
+        at, gap = self.stalled
+        if gap and time.monotonic() - at < 4 * self.config.heartbeat + 2.0:  # blame the stall, not the peer
+            culprit = self.rank
+            reason = (f"this rank (rank {self.rank}) was stalled for {gap:.1f} s (stopped, swapped out or starved), so its link "
+                      f"to rank {peer} timed out; rank {peer} is probably alive ({reason})")
+        if self.first_failure is None:
+            self.first_failure = culprit
         logger.warning("rank %d: rank %d failed: %s", self.rank, peer, reason)
-        self.mailbox.peer_failed(peer, reason)
+        self.mailbox.peer_failed(peer, reason, culprit)
         for cb in list(self._listeners):
             try:
                 cb(peer, reason)

@@ -170,10 +170,12 @@ def job_credentials(rank: int, world_size: int, job_key: bytes, encrypt: bool) -
 def credentials(store: Any, rank: int, world_size: int, host: str, prefix: str, timeout: float) -> Credentials:
     """This rank's credentials: from ``COMMLAYER_SECRET`` / key files if set, else from a job key in ``store``."""
     keys = keys_from_env(rank, world_size)
-    if keys is not None:
-        return Credentials(keys, None, True)
     if world_size == 1:
-        return Credentials()
+        return Credentials(keys, None, keys is not None)
+    if keys is not None:
+        if rank == 0:  # ranks without the secret still find a job key, then a clear "different secret" error
+            store.set(f"{prefix}/jobkey", secrets.token_hex(32))
+        return Credentials(keys, None, True)
     return job_credentials(rank, world_size, exchange_job_key(store, rank, prefix, timeout), encryption_wanted(host))
 
 

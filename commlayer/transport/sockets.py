@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import zmq
@@ -13,6 +15,26 @@ from commlayer.transport.wire import MAX_HEADER_BYTES, PART_BYTES, split_frames
 
 MONITOR_EVENTS = (zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED | zmq.EVENT_HANDSHAKE_FAILED_AUTH
                   | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL)
+
+
+@dataclass
+class Peer:
+    """One peer of the transport: its DEALER, connection state and counters."""
+
+    rank: int
+    endpoint: str
+    sock: zmq.Socket
+    monitor: zmq.Socket | None
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    state: str = "connecting"  # connecting | connected | left | dead
+    suspect_since: float = 0.0  # when its connection dropped (0 = not suspected)
+    shm_ok: bool = False  # co-located: large payloads may go through shared memory
+    shm_out: Any = None  # shm.Producer towards the peer (made on the first large payload)
+    shm_in: Any = None  # shm.Consumer of the peer's ring towards us (opened on first use)
+    bytes_sent: int = 0
+    bytes_recv: int = 0
+    msgs_sent: int = 0
+    msgs_recv: int = 0
 
 
 def set_heartbeat(sock: zmq.Socket, config: TransportConfig) -> None:
