@@ -24,7 +24,7 @@ from commlayer.transport.config import debug_detail
 from commlayer.transport.engine import Transport
 from commlayer.transport.errors import CommError
 from commlayer.transport.flush import Flush
-from commlayer.transport.mailbox import Message
+from commlayer.transport.envelope import Message
 from commlayer.transport.wire import Call
 
 CONFIRM_STEP = -1  # the fingerprint-only message of rooted collectives
@@ -58,7 +58,7 @@ def tensor_bytes(t: torch.Tensor) -> Any:
 
 def frame_tensor(frame: Any, dtype: torch.dtype) -> torch.Tensor:
     """A tensor viewing a received frame (zero-copy; valid while the frame lives)."""
-    buf = getattr(frame, "buffer", frame)  # the transport delivers memoryviews; a raw zmq.Frame still works
+    buf = getattr(frame, "buffer", frame)  # the transport delivers memoryviews; a raw frame object still works
     if len(buf) == 0:
         return torch.empty(0, dtype=dtype)
     return torch.frombuffer(buf, dtype=torch.uint8).view(dtype)

@@ -13,7 +13,7 @@ from typing import Any, Callable, Sequence
 
 from commlayer.transport import envelope
 from commlayer.transport.engine import Transport
-from commlayer.transport.mailbox import Message
+from commlayer.transport.envelope import Message
 
 
 def buf(frame: Any) -> Any:

@@ -37,7 +37,7 @@ from commlayer.topologies.reduce_ops import ReduceOp, combine_, finalize_
 from commlayer.topologies.ring import even_bounds
 from commlayer.transport.errors import CommError, PeerFailure
 from commlayer.transport import envelope
-from commlayer.transport.mailbox import Message
+from commlayer.transport.envelope import Message
 
 if TYPE_CHECKING:
     from commlayer.topologies.world import World

@@ -16,9 +16,10 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
+from commlayer.transport.mailbox import Message
 from commlayer.transport.wire import Call, Header, Kind
 
-__all__ = ["Call", "Header", "Kind", "collective", "control", "data", "p2p"]
+__all__ = ["Call", "Header", "Kind", "Message", "collective", "control", "data", "p2p"]
 
 
 def collective(op: str, channel: str, seq: int, src: int, call: Call | None, *, step: int = 0, chunk: int = 0,
