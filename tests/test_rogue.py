@@ -143,3 +143,21 @@ def test_stranger_without_secret_is_locked_out() -> None:
     assert r0["hwm_growth_mib"] < 64, r0
     print(f"rank 0 peak RSS growth {r0['hwm_growth_mib']:.1f} MiB while a stranger streamed "
           f"{r1['attack']['streamed_mib']} MiB and queued {r1['attack']['queued']} forged messages")
+
+
+def _big_worker(rank: int, world: int, encrypt: str) -> bool:
+    os.environ["COMMLAYER_IPC"] = "0"
+    os.environ["COMMLAYER_ENCRYPT"] = encrypt
+    dist.init_process_group("zmq", rank=rank, world_size=world, timeout=timedelta(seconds=60))
+    try:
+        t = torch.arange(5 << 20, dtype=torch.float32) * (rank + 1)  # 20 MiB frames: 3 wire parts each
+        dist.all_reduce(t)
+        dist.broadcast(t, src=1)
+        return bool(torch.equal(t, torch.arange(5 << 20, dtype=torch.float32) * 3))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_frames_above_the_part_cap_arrive_exact_encrypted_or_not() -> None:
+    for encrypt in ("on", "off"):
+        assert run_world(_big_worker, 2, encrypt, timeout=200) == [True, True], encrypt

@@ -53,7 +53,8 @@ def router_socket(ctx: zmq.Context, config: TransportConfig, creds: Credentials)
         sock.setsockopt(zmq.RCVBUF, config.sockbuf)
     # No frame larger than a wire part is accepted from anyone, before or after the handshake: a
     # stranger's declared size never makes this rank allocate more than that.
-    sock.setsockopt(zmq.MAXMSGSIZE, max(PART_BYTES, MAX_HEADER_BYTES))
+    # (The slack covers CurveZMQ's per-frame box overhead: an encrypted part is a few bytes longer.)
+    sock.setsockopt(zmq.MAXMSGSIZE, max(PART_BYTES, MAX_HEADER_BYTES) + 4096)
     set_heartbeat(sock, config)
     secure_server(sock, creds)
     return sock

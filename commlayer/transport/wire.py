@@ -264,7 +264,12 @@ def join_frames(header: Header, parts: Sequence[Any], cap: int) -> list[Any]:
         if len(group) != k or any(len(g) != cap for g in group[:-1]) or sum(len(g) for g in group) != n:
             raise WireError(f"malformed message from rank {header.src}: a {n}-byte payload must arrive as {k} parts of "
                             f"{cap} bytes, got parts of {[len(g) for g in group][:8]} bytes")
-        out.append(b"".join(group))
+        joined = bytearray(n)  # writable, one copy
+        view, at = memoryview(joined), 0
+        for g in group:
+            view[at:at + len(g)] = g
+            at += len(g)
+        out.append(joined)
         i += k
     if i != len(parts):
         raise WireError(f"malformed message from rank {header.src}: header declares {len(header.nbytes)} payload frames, "
