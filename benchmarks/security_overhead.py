@@ -1,10 +1,16 @@
-"""Cost of CurveZMQ encryption on an emulated 100 Mbit/s link, measured beside the plain transport.
+"""Cost of authentication and CurveZMQ encryption, on loopback and on an emulated 100 Mbit/s link.
 
-Two ranks on one emulated link (user-space relays: 100 Mbit/s, 5 ms one way) alternate rounds of
-with and without ``COMMLAYER_SECRET``; each round moves ``--mbytes`` MiB rank 0 -> rank 1 with
-send/recv and reports achieved throughput. Medians of ``--rounds`` rounds.
+Two ranks move ``--mbytes`` MiB rank 0 -> rank 1 with send/recv, ``--reps`` times per round, and
+report achieved throughput; medians of ``--rounds`` rounds, variants interleaved round by round:
 
-    python benchmarks/security_overhead.py [--rate 100] [--mbytes 8] [--rounds 5]
+* ``auth``  : the zero-configuration default on loopback (job key from the store, ZMTP PLAIN,
+              no encryption; ``COMMLAYER_ENCRYPT=off`` elsewhere);
+* ``curve`` : CurveZMQ with keys from the job key (the default on a non-loopback address;
+              forced here with ``COMMLAYER_ENCRYPT=on`` because the emulator's relays are local);
+* ``secret``: CurveZMQ with ``COMMLAYER_SECRET``;
+* ``gloo``  : torch's gloo, on loopback only (the relay emulator shapes commlayer's transport only).
+
+    python benchmarks/security_overhead.py [--rate 100] [--mbytes 8] [--rounds 5] [--links loopback,emulated]
 """
 
 from __future__ import annotations
@@ -22,13 +28,14 @@ from commlayer.testing import run_world
 
 from commlayer.wan import emulated_world
 
+VARIANTS = {"auth": {"COMMLAYER_ENCRYPT": "off"}, "curve": {"COMMLAYER_ENCRYPT": "on"},
+            "secret": {"COMMLAYER_SECRET": "benchmark-job-secret-0123456789"}, "gloo": {}}
 
-def _worker(rank: int, world: int, envs: list[dict[str, str]], secret: str, mbytes: int, reps: int) -> float:
+
+def _worker(rank: int, world: int, envs: list[dict[str, str]], backend: str, mbytes: int, reps: int) -> dict:
     os.environ.update(envs[rank])
-    os.environ["COMMLAYER_IPC"] = "0"
-    if secret:
-        os.environ["COMMLAYER_SECRET"] = secret
-    dist.init_process_group("zmq", timeout=timedelta(seconds=120))
+    os.environ["COMMLAYER_IPC"] = "0"  # TCP even between local ranks: the path a remote peer takes
+    dist.init_process_group(backend, timeout=timedelta(seconds=120))
     t = torch.ones(mbytes << 18)  # float32: mbytes MiB
     dist.barrier()
     if rank == 0:
@@ -44,30 +51,54 @@ def _worker(rank: int, world: int, envs: list[dict[str, str]], secret: str, mbyt
             dist.recv(t, src=0)
     dist.barrier()
     dt = time.perf_counter() - t0
+    encrypted = backend == "zmq" and dist.group.WORLD.transport.curve is not None
     dist.destroy_process_group()
-    return mbytes * 8 * 1.048576 * reps / dt  # Mbit/s
+    return {"mbit": mbytes * 8 * 1.048576 * reps / dt, "encrypted": encrypted}
+
+
+def memcpy_gbs() -> float:
+    a = torch.empty(64 << 20, dtype=torch.uint8)
+    b = torch.empty_like(a)
+    t0 = time.perf_counter()
+    for _ in range(5):
+        b.copy_(a)
+    return 5 * a.numel() / (time.perf_counter() - t0) / 1e9
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--rate", type=float, default=100.0, help="link rate, Mbit/s")
-    ap.add_argument("--delay", type=float, default=5.0, help="one-way delay, ms")
+    ap.add_argument("--rate", type=float, default=100.0, help="emulated link rate, Mbit/s")
+    ap.add_argument("--delay", type=float, default=5.0, help="emulated one-way delay, ms")
     ap.add_argument("--mbytes", type=int, default=8)
     ap.add_argument("--reps", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--links", default="loopback,emulated")
     args = ap.parse_args(argv)
+    print(f"# {os.cpu_count()} cores, memcpy {memcpy_gbs():.1f} GB/s; {args.mbytes} MiB x {args.reps} send/recv per round, "
+          f"median of {args.rounds} rounds", flush=True)
     links = {"default": {"delay_ms": args.delay, "rate_mbit": args.rate}, "world_size": 2}
-    res: dict[str, list[float]] = {"plain": [], "curve": []}
-    for r in range(args.rounds):
-        for name, secret in (("plain", ""), ("curve", "benchmark-job-secret-0123456789")):
-            with emulated_world(2, links, mode="relay", seed=r) as w:
-                envs = [{k: str(v) for k, v in w.env(i).items()} for i in range(2)]
-                res[name].append(run_world(_worker, 2, envs, secret, args.mbytes, args.reps, timeout=300)[1])
-            print(f"round {r}: {name:5s} {res[name][-1]:7.1f} Mbit/s", flush=True)
-    plain, curve = statistics.median(res["plain"]), statistics.median(res["curve"])
-    print(f"\n# {args.mbytes} MiB x {args.reps} send/recv over an emulated {args.rate:.0f} Mbit/s, {2 * args.delay:.0f} ms RTT link, "
-          f"median of {args.rounds} rounds")
-    print(f"plain   {plain:7.1f} Mbit/s\ncurve   {curve:7.1f} Mbit/s\noverhead {100 * (plain - curve) / plain:5.1f} % of throughput")
+    for link in args.links.split(","):
+        names = [v for v in VARIANTS if link == "loopback" or v != "gloo"]
+        res: dict[str, list[float]] = {v: [] for v in names}
+        for r in range(args.rounds):
+            for name in names:
+                backend = "gloo" if name == "gloo" else "zmq"
+                if link == "emulated":
+                    with emulated_world(2, links, mode="relay", seed=r) as w:
+                        envs = [{**{k: str(v) for k, v in w.env(i).items()}, **VARIANTS[name]} for i in range(2)]
+                        out = run_world(_worker, 2, envs, backend, args.mbytes, args.reps, timeout=300)[1]
+                else:
+                    out = run_world(_worker, 2, [VARIANTS[name]] * 2, backend, args.mbytes, args.reps, timeout=300)[1]
+                if name in ("curve", "secret") and not out["encrypted"]:
+                    raise RuntimeError(f"variant {name} ran without encryption")
+                res[name].append(out["mbit"])
+                print(f"{link} round {r}: {name:6s} {out['mbit']:8.1f} Mbit/s", flush=True)
+        med = {v: statistics.median(x) for v, x in res.items()}
+        where = "loopback" if link == "loopback" else f"emulated {args.rate:.0f} Mbit/s, {2 * args.delay:.0f} ms RTT"
+        print(f"\n## {where}\n| variant | median Mbit/s | vs auth |\n|---|---|---|")
+        for v in names:
+            print(f"| {v} | {med[v]:.1f} | {med[v] / med['auth']:.3f} |")
+        print(flush=True)
     return 0
 
 

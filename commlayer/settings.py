@@ -85,6 +85,10 @@ SETTINGS: dict[str, Setting] = {
         Setting("COMMLAYER_SECRET_FILE", str, "", "transport", "file holding the job secret (instead of COMMLAYER_SECRET)"),
         Setting("COMMLAYER_CURVE_SECRET_FILE", str, "", "transport", "this rank's CurveZMQ certificate (zmq.auth.create_certificates) instead of a job secret"),
         Setting("COMMLAYER_CURVE_PUBLIC_DIR", str, "", "transport", "directory of the allowed public certificates (with COMMLAYER_CURVE_SECRET_FILE)"),
+        Setting("COMMLAYER_MAILBOX_PEER_BYTES", int, 2 << 30, "transport", "bound on bytes one peer may have buffered for operations not started yet"),
+        Setting("COMMLAYER_MAILBOX_MESSAGE_BYTES", int, 2 << 30, "transport", "bound on the bytes of one message buffered before its operation starts"),
+        Setting("COMMLAYER_ENCRYPT", str, "auto", "transport", "CurveZMQ encryption: auto (on when listening on a non-loopback address), on, off"),
+        Setting("COMMLAYER_DEBUG", str, "off", "transport", "off, or detail: also compare every call's tensor shapes across ranks (TORCH_DISTRIBUTED_DEBUG=DETAIL does the same)"),
         # per group
         Setting("COMMLAYER_ALGO", str, "auto", "group", "all_reduce algorithm: `auto` (measured links + cost model on a default group "
                 "of 3+ ranks whose peers are reached over the network; size rule otherwise) or a name of commlayer.topologies.registry: `ring`, `tree`, `chain`, `ps`", readme=True),
@@ -115,6 +119,8 @@ EXTERNAL: dict[str, str] = {
     "RANK": "topologies/world.py (World.from_env)",
     "WORLD_SIZE": "topologies/world.py (World.from_env)",
     "TMPDIR": "commlayer/testing/launch.py (where ranks dump their stacks for hang reports)",
+    "TORCHELASTIC_RESTART_COUNT": "transport/bootstrap.py (endpoint records scoped to the elastic attempt)",
+    "TORCH_DISTRIBUTED_DEBUG": "transport/config.py (DETAIL turns on the cross-rank shape check, like COMMLAYER_DEBUG=detail)",
 }
 
 

@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import argparse
 import os
+from typing import Any
 
 import torch
+
+from _local import add_fault_args, maybe_die, spawn
 
 
 def make_data(rank: int, n: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
@@ -23,9 +26,15 @@ def make_data(rank: int, n: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
 
 def train(args: argparse.Namespace) -> None:
     from commlayer.topologies import World
-    from commlayer.training import GossipAverager
 
-    world = World.from_env()
+    with World.from_env() as world:  # sockets and files go on every exit path
+        _train(world, args)
+
+
+def _train(world: "Any", args: argparse.Namespace) -> None:
+    from commlayer.training import GossipAverager
+    from commlayer.transport.errors import CommError
+
     gossip = world.gossip(args.graph, mode=args.mode)
     averager = GossipAverager(gossip, codec=args.codec or None)
     torch.manual_seed(0)  # same initial model on every rank
@@ -33,6 +42,7 @@ def train(args: argparse.Namespace) -> None:
     opt = torch.optim.SGD(model.parameters(), lr=args.lr)
     x, y = make_data(world.rank)
     for step in range(args.steps):
+        maybe_die(world.rank, step, args)
         loss = torch.nn.functional.mse_loss(model(x), y)
         opt.zero_grad()
         loss.backward()
@@ -40,17 +50,16 @@ def train(args: argparse.Namespace) -> None:
         averager.average_parameters(model.parameters())
         if step % 50 == 0 or step == args.steps - 1:
             print(f"rank {world.rank} step {step:4d} loss {loss.item():.4f}", flush=True)
+    print(f"rank {world.rank}: training finished ({args.steps} steps)", flush=True)
     flat = torch.nn.utils.parameters_to_vector(model.parameters()).detach()
-    spread = world.ring().allreduce(flat, "max") - world.ring().allreduce(flat, "min")
-    if world.rank == 0:
-        print(f"graph={args.graph} mode={args.mode} codec={args.codec or 'none'}: max parameter spread across ranks "
-              f"{spread.max().item():.2e}, bytes sent by rank 0: {gossip.bytes_sent()}")
-    world.barrier()
-    world.close()
-
-
-def _rank(rank: int, size: int, args: argparse.Namespace) -> None:
-    train(args)  # commlayer.testing.run_world set RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT
+    try:  # the summary needs every rank; training itself already finished on this one
+        spread = world.ring().allreduce(flat, "max") - world.ring().allreduce(flat, "min")
+        if world.rank == 0:
+            print(f"graph={args.graph} mode={args.mode} codec={args.codec or 'none'}: max parameter spread across ranks "
+                  f"{spread.max().item():.2e}, bytes sent by rank 0: {gossip.bytes_sent()}")
+        world.barrier()
+    except CommError as exc:
+        print(f"rank {world.rank}: no cross-rank summary ({exc})", flush=True)
 
 
 def main() -> None:
@@ -61,17 +70,12 @@ def main() -> None:
     ap.add_argument("--codec", default="", help="codec spec for CHOCO-SGD, e.g. int8 or topk:ratio=0.1")
     ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--lr", type=float, default=0.1)
-    ap.add_argument("--timeout", type=float, default=600.0, help="seconds for the whole local run")
+    add_fault_args(ap)
     args = ap.parse_args()
     if "RANK" in os.environ:
         train(args)
         return
-    from commlayer.testing import run_world
-
-    try:
-        run_world(_rank, args.nproc, args, timeout=args.timeout)
-    except (AssertionError, TimeoutError) as exc:
-        raise SystemExit(f"{exc}") from None
+    raise SystemExit(spawn(train, args.nproc, args))
 
 
 if __name__ == "__main__":

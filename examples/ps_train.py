@@ -12,8 +12,11 @@ from __future__ import annotations
 import argparse
 import os
 import time
+from typing import Any
 
 import torch
+
+from _local import add_fault_args, maybe_die, spawn
 
 
 def make_data(rank: int, n: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
@@ -25,9 +28,15 @@ def make_data(rank: int, n: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
 
 def train(args: argparse.Namespace) -> None:
     from commlayer.topologies import World
-    from commlayer.training import ParameterServerTrainer
 
-    world = World.from_env()
+    with World.from_env() as world:  # sockets and files go on every exit path
+        _train(world, args)
+
+
+def _train(world: "Any", args: argparse.Namespace) -> None:
+    from commlayer.training import ParameterServerTrainer
+    from commlayer.transport.errors import CommError
+
     ps = world.parameter_server(servers=args.servers, mode=args.mode, staleness=args.staleness, lr=args.lr,
                                 uplink=args.uplink or None, downlink=args.downlink or None)
     torch.manual_seed(world.rank)  # different local inits: the first worker's weights win at init
@@ -36,6 +45,7 @@ def train(args: argparse.Namespace) -> None:
     x, y = make_data(world.rank)
     t0 = time.perf_counter()
     for step in range(args.steps):
+        maybe_die(world.rank, step, args)
         loss = torch.nn.functional.mse_loss(model(x), y)
         model.zero_grad()
         loss.backward()
@@ -50,12 +60,11 @@ def train(args: argparse.Namespace) -> None:
     if world.rank == 0:
         print(f"mode={args.mode} uplink={args.uplink or 'none'}: {args.steps} steps in {time.perf_counter() - t0:.2f} s, "
               f"bytes sent by rank 0: {ps.bytes_sent()}")
-    world.barrier()
-    world.close()
-
-
-def _rank(rank: int, size: int, args: argparse.Namespace) -> None:
-    train(args)  # commlayer.testing.run_world set RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT
+    print(f"rank {world.rank}: training finished ({args.steps} steps)", flush=True)
+    try:  # needs every rank; training itself already finished on this one
+        world.barrier()
+    except CommError as exc:
+        print(f"rank {world.rank}: final barrier skipped ({exc})", flush=True)
 
 
 def main() -> None:
@@ -68,17 +77,12 @@ def main() -> None:
     ap.add_argument("--downlink", default="")
     ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--lr", type=float, default=0.1)
-    ap.add_argument("--timeout", type=float, default=600.0, help="seconds for the whole local run")
+    add_fault_args(ap)
     args = ap.parse_args()
     if "RANK" in os.environ:
         train(args)
         return
-    from commlayer.testing import run_world
-
-    try:
-        run_world(_rank, args.nproc, args, timeout=args.timeout)
-    except (AssertionError, TimeoutError) as exc:
-        raise SystemExit(f"{exc}") from None
+    raise SystemExit(spawn(train, args.nproc, args))
 
 
 if __name__ == "__main__":

@@ -52,19 +52,22 @@ def test_link_state_probe_and_passive_samples() -> None:
 
 
 def test_install_hooks_chains_and_uninstalls() -> None:
-    class T:
-        on_send = None
-        on_recv = None
+    from commlayer.transport.engine import Transport
 
     seen = []
-    t = T()
-    t.on_recv = lambda p, n, s: seen.append((p, n))
-    state = LinkState(0, 2)
-    undo = install_hooks(t, state)
-    t.on_recv(1, 10, 0.0)
-    assert seen == [(1, 10)] and state.counters()[0]["bytes_recv"] == 10
-    undo()
-    assert t.on_send is None and t.on_recv is not None
+    t = Transport(0, 2)
+    try:
+        mine = lambda p, n, s: seen.append((p, n))  # noqa: E731
+        t.add_observer(on_recv=mine)
+        state = LinkState(0, 2)
+        undo = install_hooks(t, state)
+        for obs in t.recv_observers:
+            obs(1, 10, 0.0)
+        assert seen == [(1, 10)] and state.counters()[0]["bytes_recv"] == 10
+        undo()
+        assert t.send_observers == [] and t.recv_observers == [mine]
+    finally:
+        t.close()
 
 
 def test_ring_is_bound_by_its_slowest_link() -> None:

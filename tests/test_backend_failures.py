@@ -72,9 +72,12 @@ def _garbage_worker(rank: int, world: int) -> dict:
             [msgpack.packb([1, 0, "x", "pg0", 1, 0, 0, 0, "", [], [], None])],  # spoofs rank 0 from another identity
             [b"\xdd\xff\xff\xff\xff"],  # msgpack array claiming 4G elements
         ]
+        creds = pg.transport.creds  # an insider (it holds rank 0's job credentials): its garbage reaches validation
         for ident in (b"evil", b"r0"):
             s = ctx.socket(zmq.DEALER)
             s.setsockopt(zmq.ROUTING_ID, ident)
+            if creds.passwords is not None:
+                s.plain_username, s.plain_password = b"r0", creds.passwords[0].encode()
             s.setsockopt(zmq.LINGER, 5000)  # deliver everything before closing, even on a loaded machine
             s.connect(target)
             for frames in bad:

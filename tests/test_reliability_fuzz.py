@@ -13,9 +13,9 @@ from hypothesis import strategies as st
 
 from commlayer.testing import reliability as R
 from commlayer.transport.errors import WireError
-from commlayer.transport.wire import Header, Kind, check_frames, unpack_header
+from commlayer.transport.wire import HEADER_FIELDS, WIRE_VERSION, Header, Kind, check_frames, unpack_header
 
-_VALID = [1, int(Kind.DATA), "allreduce", "pg0", 3, 1, 0, 0, "float32", [2, 2], [16], None]
+_VALID = [WIRE_VERSION, int(Kind.DATA), "allreduce", "pg0", 3, 1, 0, 0, "float32", [2, 2], [16], None, 0, [-1, 4, "float32", "sum", None]]
 
 # Any msgpack value, nested a few levels (deep nesting has its own test below).
 values = st.recursive(
@@ -39,13 +39,13 @@ def test_random_bytes_give_only_wire_errors(data: bytes, frames: list[bytes]) ->
 
 
 @settings(max_examples=1500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(st.dictionaries(st.integers(0, 11), values, min_size=1, max_size=5), st.integers(-2, 2),
+@given(st.dictionaries(st.integers(0, HEADER_FIELDS - 1), values, min_size=1, max_size=5), st.integers(-2, 2),
        st.lists(st.binary(max_size=40), max_size=3))
 def test_mutated_valid_headers_give_only_wire_errors(replace: dict, extra: int, frames: list[bytes]) -> None:
     fields = list(_VALID)
     for i, v in replace.items():
         fields[i] = v
-    fields = fields[:12 + extra] if extra < 0 else fields + [None] * extra
+    fields = fields[:HEADER_FIELDS + extra] if extra < 0 else fields + [None] * extra
     _decode(msgpack.packb(fields, use_bin_type=True), frames)
 
 

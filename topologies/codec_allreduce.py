@@ -132,6 +132,7 @@ def codec_allreduce(comm: OpComm, flat: torch.Tensor, codec: Codec, ctx: CodecCo
         ValueError: unknown algorithm, invalid mode for the codec, or ``ctx`` not describing ``flat``.
     """
     _check(flat, ctx)
+    comm.declare(count=flat.numel(), dtype=flat.dtype, redop="avg" if average else "sum")
     a = registry.resolve(registry.validate(algo), codec.wire_bytes(max(ctx.numel, 1), ctx.dtype), comm.size)
     aggregate(codec, flat, ctx, CommExchange(comm, a, order, chunk_bytes), mode, average).value()
     return a.name

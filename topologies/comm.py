@@ -3,22 +3,33 @@
 A :class:`Group` is a set of global ranks talking on one channel of a transport. Each
 operation gets an :class:`OpComm` with its own sequence number, so messages of different
 operations never mix, and sends/receives speak in group ranks and algorithm steps.
+
+Every message of an operation carries the call's fingerprint (:meth:`OpComm.declare`: kind, root,
+count, dtype, reduce op, and with ``COMMLAYER_DEBUG=detail`` the shapes); the transport compares
+it with this rank's own call and fails every rank of the group at once on any disagreement. In
+rooted collectives some ranks would never hear from the others (a broadcast root only sends), so
+there every rank also sends its fingerprint to every other and waits for theirs in :meth:`finish`.
 """
 
 from __future__ import annotations
 
 import threading
-import time
 from typing import Any, Sequence
 
 import numpy as np
 import torch
-import zmq
 
+from commlayer.transport import envelope
+from commlayer.transport.config import debug_detail
 from commlayer.transport.engine import Transport
-from commlayer.transport.errors import CommError, CommTimeout, rewrap
-from commlayer.transport.mailbox import Message
-from commlayer.transport.wire import Header, Kind
+from commlayer.transport.errors import CommError
+from commlayer.transport.flush import Flush
+from commlayer.transport.envelope import Message
+from commlayer.transport.wire import Call
+
+CONFIRM_STEP = -1  # the fingerprint-only message of rooted collectives
+_SHAPE_CHECKED = ("allreduce", "allreduce_coalesced", "broadcast", "reduce", "allgather", "_allgather_base",
+                  "allgather_into_tensor_coalesced", "reduce_scatter", "_reduce_scatter_base", "reduce_scatter_tensor_coalesced")
 
 _WIRE_DTYPES: dict[torch.dtype, str] = {
     torch.bool: "bool", torch.uint8: "uint8", torch.int8: "int8", torch.int16: "int16", torch.int32: "int32",
@@ -47,7 +58,7 @@ def tensor_bytes(t: torch.Tensor) -> Any:
 
 def frame_tensor(frame: Any, dtype: torch.dtype) -> torch.Tensor:
     """A tensor viewing a received frame (zero-copy; valid while the frame lives)."""
-    buf = frame.buffer if isinstance(frame, zmq.Frame) else frame
+    buf = getattr(frame, "buffer", frame)  # the transport delivers memoryviews; a raw frame object still works
     if len(buf) == 0:
         return torch.empty(0, dtype=dtype)
     return torch.frombuffer(buf, dtype=torch.uint8).view(dtype)
@@ -74,36 +85,86 @@ class Group:
         self.size = len(self.ranks)
         self._seq = 0
         self._lock = threading.Lock()
+        self.detail = debug_detail()
 
     def next_seq(self) -> int:
         with self._lock:
             self._seq += 1
             return self._seq
 
-    def op(self, name: str, seq: int | None = None, timeout: float | None = None) -> "OpComm":
-        return OpComm(self, name, self.next_seq() if seq is None else seq, self.timeout if timeout is None else timeout)
+    def op(self, name: str, seq: int | None = None, timeout: float | None = None,
+           tensors: Sequence[torch.Tensor] = ()) -> "OpComm":
+        """A communicator for the next operation; ``tensors`` (the call's) are compared across ranks in detail mode."""
+        shapes = tuple(tuple(t.shape) for t in tensors) if self.detail and name in _SHAPE_CHECKED and tensors else None
+        return OpComm(self, name, self.next_seq() if seq is None else seq, self.timeout if timeout is None else timeout, shapes)
+
+
+class _CallState:
+    __slots__ = ("call", "confirm", "flush")
+
+    def __init__(self) -> None:
+        self.call: Call | None = None
+        self.confirm = False
+        self.flush = Flush()
 
 
 class OpComm:
     """Sends and receives of one operation, addressed by group rank and algorithm step."""
 
-    def __init__(self, group: Group, op: str, seq: int, timeout: float) -> None:
+    def __init__(self, group: Group, op: str, seq: int, timeout: float, shapes: tuple[tuple[int, ...], ...] | None = None,
+                 state: _CallState | None = None) -> None:
         self.group = group
         self.op = op
         self.seq = seq
         self.timeout = timeout
         self.rank = group.rank
         self.size = group.size
+        self.shapes = shapes
         self._t = group.transport
-        self._trackers: list[tuple[int, zmq.MessageTracker]] = []
+        self._state = state or _CallState()
         self.step_offset = 0
 
     def shifted(self, offset: int) -> "OpComm":
         """The same operation with steps moved by ``offset``, so several phases (e.g. PowerSGD's two
         all-reduces) can run inside one operation without their messages colliding."""
-        other = OpComm(self.group, self.op, self.seq, self.timeout)
+        other = OpComm(self.group, self.op, self.seq, self.timeout, self.shapes, self._state)
         other.step_offset = self.step_offset + offset
         return other
+
+    @property
+    def call(self) -> Call | None:
+        return self._state.call
+
+    def declare(self, root: int = -1, count: int = -1, dtype: torch.dtype | None = None, redop: Any = "",
+                confirm: bool = False) -> None:
+        """Records this call's fingerprint before its first message (later declarations are ignored).
+
+        Args:
+            root: group rank of the root (rooted collectives).
+            count: elements of the call.
+            dtype: element type of the call.
+            redop: the reduction (a ReduceOp or its name).
+            confirm: every rank sends its fingerprint to every other and :meth:`finish` waits for theirs
+                (for collectives in which some rank would otherwise never hear from some other).
+
+        Raises:
+            CollectiveMismatch: a message of this call that already arrived disagrees.
+        """
+        st = self._state
+        if st.call is not None:
+            return
+        name = getattr(redop, "name", redop)
+        st.call = Call(int(root), int(count), wire_dtype(dtype) if dtype is not None else "", str(name).lower(), self.shapes)
+        self._t.expect(self.group.channel, self.seq, self.op, st.call, self.group.ranks)
+        if confirm and self.size > 1:
+            st.confirm = True
+            for peer in range(self.size):
+                if peer != self.rank:
+                    self._send(peer, CONFIRM_STEP, [])
+
+    def _ensure_declared(self) -> None:
+        if self._state.call is None:
+            self.declare()
 
     def describe(self, step: int | None = None) -> str:
         s = f"{self.op} #{self.seq} in group {self.group.channel!r} (rank {self.rank} of {self.size})"
@@ -112,13 +173,23 @@ class OpComm:
     def send(self, peer: int, step: int, frames: Sequence[Any], chunk: int = 0, dtype: str = "", shape: Sequence[int] = (),
              meta: dict[str, Any] | None = None, track: bool = False) -> None:
         """Sends raw frames to group rank ``peer``."""
+        self._ensure_declared()
+        self._send(peer, step + self.step_offset, frames, chunk, dtype, shape, meta, track)
+
+    def _send(self, peer: int, step: int, frames: Sequence[Any], chunk: int = 0, dtype: str = "", shape: Sequence[int] = (),
+              meta: dict[str, Any] | None = None, track: bool = False) -> None:
         sizes = tuple(f.nbytes if isinstance(f, (memoryview, np.ndarray)) else len(f) for f in frames)
-        h = Header(Kind.DATA, self.op, self.group.channel, self.seq, step + self.step_offset, chunk, self.group.transport.rank, dtype,
-                   tuple(shape), sizes, meta or {})
-        dst = self.group.ranks[peer]
-        tr = self._t.send(dst, h, frames, track=track)
-        if tr:
-            self._trackers.extend((dst, t) for t in tr)
+        h = envelope.collective(self.op, self.group.channel, self.seq, self._t.rank, self._state.call, step=step, chunk=chunk,
+                                dtype=dtype, shape=shape, nbytes=sizes, meta=meta)
+        try:
+            flush = self._t.send(self.group.ranks[peer], h, frames, track=track)
+        except CommError as exc:
+            cause = self._t.failure_for(self.group.channel, None)  # a mismatch found elsewhere is the root cause
+            if cause is not None and cause is not exc:
+                raise cause from exc
+            raise
+        if flush:
+            self._state.flush.extend(flush)
 
     def send_tensor(self, peer: int, step: int, t: torch.Tensor, chunk: int = 0, copy: bool = False) -> None:
         """Sends a contiguous tensor. Unless ``copy``, large ones go zero-copy and :meth:`finish` waits
@@ -129,9 +200,12 @@ class OpComm:
         self.send(peer, step, [data] if len(data) else [], chunk, wire_dtype(t.dtype), (t.numel(),), track=not copy)
 
     def recv(self, peer: int, step: int, chunk: int = 0) -> Message:
-        msg = self._t.recv(self.group.channel, self.seq, step + self.step_offset, chunk, self.group.ranks[peer], self.timeout,
-                           self.describe(step + self.step_offset))
-        if msg.header.op != self.op:
+        self._ensure_declared()
+        return self._recv(peer, step + self.step_offset, chunk)
+
+    def _recv(self, peer: int, step: int, chunk: int = 0) -> Message:
+        msg = self._t.recv(self.group.channel, self.seq, step, chunk, self.group.ranks[peer], self.timeout, self.describe(step))
+        if msg.header.op != self.op:  # the transport already compared the fingerprints; kept as a last guard
             raise CommError(f"collective mismatch: rank {peer} of group {self.group.channel!r} sent {msg.header.op} #{self.seq} "
                             f"while this rank runs {self.op} #{self.seq}; every rank must call the same collectives in the same order")
         return msg
@@ -147,25 +221,19 @@ class OpComm:
         return frame_tensor(msg.frames[0], dtype) if numel else torch.empty(0, dtype=dtype)
 
     def finish(self) -> None:
-        """Waits until ZeroMQ no longer reads any zero-copy buffer this operation sent.
+        """Waits for the other ranks' fingerprints (rooted collectives) and until ZeroMQ no longer reads any
+        zero-copy buffer this operation sent.
 
         Raises:
+            CollectiveMismatch: another rank called something else.
             PeerFailure (or the group's abort error): the destination died, so its data never drains.
             CommTimeout: not drained within the operation's timeout.
         """
-        deadline = time.monotonic() + self.timeout
-        mb = self._t.mailbox
-        for dst, tr in self._trackers:
-            while not tr.done:
-                err = mb.failure_for(self.group.channel, dst)
-                if err is not None:
-                    self._trackers.clear()
-                    raise rewrap(err, f"{self.describe()}: data for rank {dst} cannot be delivered: {err}")
-                if time.monotonic() > deadline:
-                    self._trackers.clear()
-                    raise CommTimeout(f"{self.describe()}: data for rank {dst} not flushed within {self.timeout:.0f} s")
-                try:
-                    tr.wait(0.05)
-                except zmq.NotDone:
-                    pass
-        self._trackers.clear()
+        st = self._state
+        if st.confirm:
+            st.confirm = False
+            for peer in range(self.size):
+                if peer != self.rank:
+                    self._recv(peer, CONFIRM_STEP)
+        flush, st.flush = st.flush, Flush()
+        self._t.wait_flushed(flush, self.group.channel, self.timeout, self.describe())

@@ -29,5 +29,6 @@ def allreduce(comm: OpComm, flat: torch.Tensor, op: ReduceOp, algo: str = "auto"
     """
     a = registry.resolve(algo, flat.numel() * flat.element_size(), comm.size)
     a.check(comm.size, flat.dtype, op)
+    comm.declare(count=flat.numel(), dtype=flat.dtype, redop=op)
     a.run(comm, flat, op, order, chunk_bytes)
     return a.name

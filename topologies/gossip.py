@@ -32,7 +32,7 @@ from commlayer.topologies.graphs import Graph, contraction, make_graph
 from commlayer.topologies.p2p import Inbox, buf, send_p2p
 from commlayer.topologies.reduce_ops import ReduceOp
 from commlayer.transport.errors import CommError
-from commlayer.transport.mailbox import Message
+from commlayer.transport.envelope import Message
 
 if TYPE_CHECKING:
     from commlayer.topologies.world import World

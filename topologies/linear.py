@@ -11,6 +11,7 @@ from commlayer.topologies.comm import OpComm
 
 def gather(comm: OpComm, src: torch.Tensor, outs: Sequence[torch.Tensor] | None, root: int) -> None:
     """``outs[r] = src of rank r`` on ``root`` (``outs`` is ignored elsewhere)."""
+    comm.declare(root=root, count=src.numel(), dtype=src.dtype, confirm=True)
     if comm.rank == root:
         assert outs is not None
         for r in range(comm.size):
@@ -25,6 +26,7 @@ def gather(comm: OpComm, src: torch.Tensor, outs: Sequence[torch.Tensor] | None,
 
 def scatter(comm: OpComm, ins: Sequence[torch.Tensor] | None, out: torch.Tensor, root: int) -> None:
     """``out = ins[rank]`` of ``root``."""
+    comm.declare(root=root, count=out.numel(), dtype=out.dtype, confirm=True)
     if comm.rank == root:
         assert ins is not None
         for r in range(comm.size):
@@ -39,6 +41,7 @@ def scatter(comm: OpComm, ins: Sequence[torch.Tensor] | None, out: torch.Tensor,
 def alltoall(comm: OpComm, ins: Sequence[torch.Tensor], outs: Sequence[torch.Tensor]) -> None:
     """``outs[j]`` on rank i = ``ins[i]`` of rank j. Sends are issued first, so nothing waits in a cycle."""
     p, me = comm.size, comm.rank
+    comm.declare(count=-1, dtype=outs[me].dtype)  # sizes may differ per rank (uneven splits)
     for k in range(1, p):
         dst = (me + k) % p
         comm.send_tensor(dst, 0, ins[dst])

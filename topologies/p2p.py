@@ -1,6 +1,6 @@
 """Tagged point-to-point messages for the non-collective topologies (gossip, parameter server).
 
-:class:`Inbox` keeps one any-source receive posted on (channel, tag) in the transport's mailbox
+:class:`Inbox` keeps one any-source receive posted on (channel, tag) with the transport
 and stores every message that arrives, so a gossip round or a server can pick messages by
 source and round, wait with a timeout, and be woken when a peer fails.
 """
@@ -11,22 +11,20 @@ import threading
 import time
 from typing import Any, Callable, Sequence
 
-import zmq
-
+from commlayer.transport import envelope
 from commlayer.transport.engine import Transport
-from commlayer.transport.mailbox import Message
-from commlayer.transport.wire import Header, Kind
+from commlayer.transport.envelope import Message
 
 
 def buf(frame: Any) -> Any:
-    """A buffer-protocol view of a received frame."""
-    return frame.buffer if isinstance(frame, zmq.Frame) else frame
+    """A buffer-protocol view of a received frame (the transport delivers memoryviews already)."""
+    return getattr(frame, "buffer", frame)
 
 
 def send_p2p(transport: Transport, dst: int, channel: str, tag: int, frames: Sequence[Any] = (), meta: dict | None = None,
              dtype: str = "", shape: Sequence[int] = ()) -> int:
     """Sends a tagged message to global rank ``dst``; returns the payload bytes."""
-    h = Header(Kind.DATA, "p2p", channel, int(tag), 0, 0, transport.rank, dtype, tuple(shape), (), meta or {})
+    h = envelope.p2p(channel, tag, transport.rank, dtype=dtype, shape=shape, meta=meta)
     frames = [buf(f) for f in frames]
     transport.send(dst, h, frames)
     return sum(memoryview(f).nbytes for f in frames)
@@ -74,7 +72,7 @@ class Inbox:
         while True:
             with self._plock:
                 self._again = False
-            self.transport.mailbox.post_p2p(self.channel, self.tag, None, self._on_message)
+            self.transport.post_p2p(self.channel, self.tag, None, self._on_message)
             with self._plock:
                 if not self._again:
                     self._posting = False

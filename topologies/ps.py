@@ -40,7 +40,7 @@ from commlayer.topologies.ps_server import ShardServer
 from commlayer.topologies.reduce_ops import ReduceOp
 from commlayer.topologies.ring import even_bounds
 from commlayer.transport.errors import CommError
-from commlayer.transport.mailbox import Message
+from commlayer.transport.envelope import Message
 
 if TYPE_CHECKING:
     from commlayer.topologies.world import World
@@ -101,9 +101,9 @@ class ParameterServer(Topology):
     def _ctx(self, n: int, dtype: torch.dtype, key: str, step: int) -> CodecContext | None:
         return shard_ctx(self.group.channel, self.world.seed, n, dtype, key, step)
 
-    def _recv_reply(self, seq: int, kind: int, s: int) -> Message:
-        return self.world.transport.recv(self.reply_channel, seq, kind, s, self._server_of(s), self.world.timeout,
-                                         f"parameter server reply (kind {kind}, #{seq}, shard {s})")
+    def _recv_reply(self, seq: int, kind: str, s: int) -> Message:
+        return self.world.transport.recv(f"{self.reply_channel}/{kind}", seq, 0, s, self._server_of(s), self.world.timeout,
+                                         f"parameter server {kind} reply #{seq}, shard {s}")
 
     def _allreduce(self, flat: torch.Tensor, op: ReduceOp, codec: Codec | None, downlink: "str | Codec | None" = None) -> torch.Tensor:
         if not self.is_worker:

@@ -31,6 +31,7 @@ def ps_allreduce(comm: OpComm, flat: torch.Tensor, op: ReduceOp, servers: int | 
     with identical bits. AVG is left as a SUM (the caller divides), as in the other collectives.
     """
     p, me, n = comm.size, comm.rank, flat.numel()
+    comm.declare(count=n, dtype=flat.dtype, redop=op)
     if p == 1 or n == 0:
         return
     s_count = min(p, servers or default_servers(p))

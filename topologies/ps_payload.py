@@ -8,10 +8,10 @@ from commlayer.codecs import Codec, CodecContext, Encoded, from_frames, to_frame
 from commlayer.topologies.comm import frame_tensor, tensor_bytes, wire_dtype
 from commlayer.topologies.p2p import buf
 from commlayer.transport.errors import CommError
-from commlayer.transport.mailbox import Message
+from commlayer.transport.envelope import Message
 
 TAG = 9
-AGG, PULL = 1, 2  # reply kinds (the reply's step)
+AGG, PULL = "agg", "pull"  # reply kinds: each has its own reply channel; the shard is the reply's chunk
 
 
 def shard_ctx(channel: str, seed: int, n: int, dtype: torch.dtype, key: str, step: int) -> CodecContext | None:

@@ -25,8 +25,8 @@ from commlayer.topologies.ps_optimizer import Shard
 from commlayer.topologies.ps_payload import AGG, PULL, TAG, codec_frames, decode, encoded_of, shard_ctx
 from commlayer.topologies.reduce_ops import ReduceOp, combine_, finalize_
 from commlayer.transport.errors import CommError, PeerFailure
-from commlayer.transport.mailbox import Message
-from commlayer.transport.wire import Header, Kind
+from commlayer.transport.envelope import Message
+from commlayer.transport import envelope
 
 if TYPE_CHECKING:
     from commlayer.topologies.ps import ParameterServer
@@ -68,9 +68,9 @@ class ShardServer:
     def live_workers(self) -> list[int]:
         return [w for w in self.ps.workers if w not in self.world.dead and w not in self._done]
 
-    def _reply(self, w: int, seq: int, kind: int, s: int, frames: list, meta: dict) -> None:
+    def _reply(self, w: int, seq: int, kind: str, s: int, frames: list, meta: dict) -> None:
         frames = [buf(f) for f in frames]
-        h = Header(Kind.DATA, "ps", self.ps.reply_channel, seq, kind, s, self.me, "", (), (), meta)
+        h = envelope.data("ps", f"{self.ps.reply_channel}/{kind}", seq, self.me, chunk=s, meta=meta)
         try:
             self.world.transport.send(w, h, frames)
         except PeerFailure:

@@ -110,6 +110,7 @@ def ring_reduce_scatter(comm: OpComm, flat: torch.Tensor, op: ReduceOp, bounds: 
 
     Other blocks are left with partial sums.
     """
+    comm.declare(count=flat.numel(), dtype=flat.dtype, redop=op)
     if comm.size == 1:
         return
     ring = _Ring(comm, flat, bounds, order, chunk_bytes)
@@ -120,6 +121,7 @@ def ring_reduce_scatter(comm: OpComm, flat: torch.Tensor, op: ReduceOp, bounds: 
 def ring_allgather(comm: OpComm, flat: torch.Tensor, bounds: Sequence[tuple[int, int]], order: Sequence[int] | None = None,
                    chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> None:
     """Fills every block of ``flat`` from its owner: rank r contributes ``flat[bounds[r]]``."""
+    comm.declare(count=flat.numel(), dtype=flat.dtype)
     if comm.size == 1:
         return
     ring = _Ring(comm, flat, bounds, order, chunk_bytes)

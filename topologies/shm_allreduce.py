@@ -188,7 +188,7 @@ def _check_peer(state: _State, comm: OpComm, q: int, now: float, deadline: float
     group = comm.group
     gq = group.ranks[q]
     what = f"{comm.describe()}, shared-memory all-reduce"
-    err = group.transport.mailbox.failure_for(group.channel, gq)
+    err = group.transport.failure_for(group.channel, gq)
     if err is not None:
         raise rewrap(err, f"{what}: {err}")
     if state.closed:

@@ -49,7 +49,9 @@ def chain_broadcast(comm: OpComm, flat: torch.Tensor, root: int, chunk_bytes: in
 
 def broadcast(comm: OpComm, flat: torch.Tensor, root: int) -> None:
     """Copies ``flat`` from group rank ``root`` to every rank, in place."""
+    comm.declare(root=root, count=flat.numel(), dtype=flat.dtype, confirm=True)
     if comm.size == 1 or flat.numel() == 0:
+        comm.finish()
         return
     if flat.numel() * flat.element_size() >= CHAIN_THRESHOLD_BYTES and comm.size > 2:
         chain_broadcast(comm, flat, root)
@@ -60,6 +62,7 @@ def broadcast(comm: OpComm, flat: torch.Tensor, root: int) -> None:
 def binomial_reduce(comm: OpComm, flat: torch.Tensor, op: ReduceOp, root: int) -> None:
     """Reduces ``flat`` of every rank into ``flat`` on ``root``; other ranks' tensors are left unchanged."""
     p = comm.size
+    comm.declare(root=root, count=flat.numel(), dtype=flat.dtype, redop=op, confirm=True)
     if p == 1:
         return
     v = (comm.rank - root) % p

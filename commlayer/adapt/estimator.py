@@ -223,29 +223,14 @@ class LinkState:
 
 
 def install_hooks(transport: Any, state: LinkState) -> Callable[[], None]:
-    """Sets ``transport.on_send`` / ``on_recv`` to feed ``state``; returns a function that removes them.
+    """Adds observers feeding ``state`` to the transport's observer lists; returns a function that removes them.
 
-    Hooks already installed by someone else are chained (called first).
+    Observers added by others stay (every observer sees every sample).
     """
-    prev_send, prev_recv = transport.on_send, transport.on_recv
-
-    def on_send(peer: int, nbytes: int, seconds: float) -> None:
-        if prev_send is not None:
-            prev_send(peer, nbytes, seconds)
-        state.on_send(peer, nbytes, seconds)
-
-    def on_recv(peer: int, nbytes: int, seconds: float) -> None:
-        if prev_recv is not None:
-            prev_recv(peer, nbytes, seconds)
-        state.on_recv(peer, nbytes, seconds)
-
-    transport.on_send, transport.on_recv = on_send, on_recv
+    transport.add_observer(on_send=state.on_send, on_recv=state.on_recv)
 
     def uninstall() -> None:
-        if transport.on_send is on_send:
-            transport.on_send = prev_send
-        if transport.on_recv is on_recv:
-            transport.on_recv = prev_recv
+        transport.remove_observer(on_send=state.on_send, on_recv=state.on_recv)
 
     return uninstall
 

@@ -12,7 +12,7 @@ import sys
 from typing import Any, Sequence
 
 from commlayer.transport.errors import CommError
-from commlayer.transport.wire import Header, Kind
+from commlayer.transport import envelope
 
 
 def _pack(values: Sequence[float]) -> bytes:
@@ -37,8 +37,7 @@ def send_vector(transport: Any, ranks: Sequence[int], channel: str, seq: int, va
     frame = _pack(values)
     for r in ranks:
         if r != me:
-            transport.send(r, Header(Kind.DATA, op, channel, seq, 0, 0, me, "float64", (len(values),), (), meta or {}),
-                           [frame])
+            transport.send(r, envelope.data(op, channel, seq, me, dtype="float64", shape=(len(values),), meta=meta), [frame])
 
 
 def recv_vectors(transport: Any, ranks: Sequence[int], channel: str, seq: int, mine: Sequence[float], timeout: float,

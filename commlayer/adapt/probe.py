@@ -28,7 +28,8 @@ from typing import Any, Sequence
 from commlayer.adapt.estimator import LinkMatrixSnapshot, LinkState
 from commlayer.adapt.exchange import allgather_vector
 from commlayer.transport.errors import CommTimeout
-from commlayer.transport.wire import Header, Kind
+from commlayer.transport import envelope
+from commlayer.transport.wire import Kind
 
 logger = logging.getLogger(__name__)
 
@@ -83,7 +84,7 @@ def measure_rtts(transport: Any, ranks: Sequence[int], cfg: ProbeConfig, epoch: 
         t0 = {}
         for r in peers:
             t0[r] = time.monotonic()
-            transport.send(r, Header(Kind.PING, "ping", cfg.channel, seq, 0, 0, me, meta={"k": k}), [])
+            transport.send(r, envelope.control(Kind.PING, cfg.channel, me, seq=seq, meta={"k": k}), [])
         for r in peers:
             transport.recv(cfg.channel, seq, 0, 0, r, cfg.timeout, f"probe ping #{k} to rank {r}")
             samples[r].append(time.monotonic() - t0[r])
@@ -97,7 +98,7 @@ def _send_train(transport: Any, to: int, cfg: ProbeConfig, seq: int, errors: lis
         payload = bytes(size)
         transport.recv(cfg.channel, seq, 0, 0, to, cfg.timeout, f"probe go from rank {to}")
         for c in range(cfg.train_msgs):
-            transport.send(to, Header(Kind.DATA, "probe-train", cfg.channel, seq, 1, c, transport.rank), [payload])
+            transport.send(to, envelope.data("probe-train", cfg.channel, seq, transport.rank, step=1, chunk=c), [payload])
     except BaseException as exc:  # reported by the caller
         errors.append(exc)
 
@@ -116,7 +117,7 @@ def _train_round(transport: Any, to: int, frm: int, cfg: ProbeConfig, epoch: int
     sender.start()
     try:
         t_go = time.monotonic()
-        transport.send(frm, Header(Kind.DATA, "probe-go", ch, seq, 0, 0, me), [])
+        transport.send(frm, envelope.data("probe-go", ch, seq, me), [])
         arrivals: list[float] = []
         first_waited = False
         for c in range(cfg.train_msgs):

@@ -18,7 +18,7 @@ from commlayer.backend.work import ZmqWork
 from commlayer.topologies import linear
 from commlayer.topologies.comm import frame_tensor, tensor_bytes, wire_dtype
 from commlayer.transport.errors import CommError
-from commlayer.transport.wire import Header, Kind
+from commlayer.transport import envelope
 
 
 class PointToPoint:
@@ -46,7 +46,7 @@ class PointToPoint:
         # Snapshot large tensors so the caller may reuse them at once; small ones are copied by ZeroMQ.
         snap = t.contiguous().clone() if t.numel() * t.element_size() >= rt.transport.config.copy_threshold else t.contiguous()
         data = tensor_bytes(snap)
-        h = Header(Kind.DATA, "p2p", rt.group.channel, int(tag), 0, 0, rt.transport.rank, wire_dtype(t.dtype), (t.numel(),))
+        h = envelope.p2p(rt.group.channel, tag, rt.transport.rank, dtype=wire_dtype(t.dtype), shape=(t.numel(),))
         rt.transport.send(rt.group.ranks[dst], h, [data] if len(data) else [])
         return rt.done(tensors, f"send to rank {dst} (tag {tag}) in group {rt.label!r}")
 
@@ -76,6 +76,6 @@ class PointToPoint:
             work._source = ranks.index(h.src)
             work.set_done()
 
-        rt.transport.mailbox.post_p2p(rt.group.channel, int(tag), None if src is None else ranks[src], on_message)
-        work.on_timeout = lambda: rt.transport.mailbox.cancel_p2p(rt.group.channel, int(tag), on_message)
+        rt.transport.post_p2p(rt.group.channel, int(tag), None if src is None else ranks[src], on_message)
+        work.on_timeout = lambda: rt.transport.cancel_p2p(rt.group.channel, int(tag), on_message)
         return work

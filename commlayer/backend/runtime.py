@@ -81,7 +81,7 @@ class GroupRuntime:
         """Makes the group unusable with ``error`` and fails every pending receive on its channel."""
         if self.error is None:
             self.error = error
-        self.transport.mailbox.abort_channel(self.group.channel, self.error)
+        self.transport.abort_channel(self.group.channel, self.error)
 
     def check_usable(self, what: str) -> None:
         if self.closed:
@@ -107,7 +107,7 @@ class GroupRuntime:
         """
         self.check_usable(name)
         timeout = self.timeout_of(opts)
-        comm = self.group.op(name, timeout=timeout)
+        comm = self.group.op(name, timeout=timeout, tensors=outputs)
         work = ZmqWork(outputs, comm.describe(), timeout)
 
         def job() -> None:
@@ -145,4 +145,4 @@ class GroupRuntime:
         if owns_transport:
             self.transport.close(reason=str(self.error) if self.error is not None else "")
         else:
-            self.transport.mailbox.drop_channel(self.group.channel)
+            self.transport.drop_channel(self.group.channel)

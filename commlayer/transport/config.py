@@ -2,9 +2,18 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 from commlayer import settings
+
+
+def debug_detail() -> bool:
+    """``COMMLAYER_DEBUG=detail`` or torch's ``TORCH_DISTRIBUTED_DEBUG=DETAIL``: check every call's shapes across ranks."""
+    mode = str(settings.get("COMMLAYER_DEBUG")).strip().lower()
+    if mode not in ("off", "detail", ""):
+        raise ValueError(f"COMMLAYER_DEBUG: expected off or detail, got {mode!r}")
+    return mode == "detail" or os.environ.get("TORCH_DISTRIBUTED_DEBUG", "").upper() == "DETAIL"
 
 
 @dataclass(frozen=True)
@@ -20,6 +29,8 @@ class TransportConfig:
         linger: seconds to flush outgoing messages at shutdown. ``COMMLAYER_LINGER``.
         mailbox_bytes: bound on bytes buffered for operations not started yet. ``COMMLAYER_MAILBOX_BYTES``.
         mailbox_messages: bound on such messages. ``COMMLAYER_MAILBOX_MESSAGES``.
+        mailbox_peer_bytes: bound on such bytes from one peer. ``COMMLAYER_MAILBOX_PEER_BYTES``.
+        mailbox_message_bytes: bound on one such message. ``COMMLAYER_MAILBOX_MESSAGE_BYTES``.
         copy_threshold: frames below this many bytes are copied, larger ones sent zero-copy.
         hwm: ZeroMQ high-water mark (messages queued per peer before send blocks).
         sockbuf: kernel socket buffer size in bytes (0 = the OS default). ``COMMLAYER_SOCKBUF``.
@@ -34,6 +45,8 @@ class TransportConfig:
     linger: float = 2.0
     mailbox_bytes: int = 4 << 30
     mailbox_messages: int = 1 << 20
+    mailbox_peer_bytes: int = 2 << 30
+    mailbox_message_bytes: int = 2 << 30
     copy_threshold: int = 64 * 1024
     hwm: int = 100_000
     sockbuf: int = 0
@@ -52,15 +65,17 @@ class TransportConfig:
     @classmethod
     def from_env(cls, timeout: float | None = None) -> "TransportConfig":
         """The transport's rows of :mod:`commlayer.settings`, read once (``timeout`` overrides COMMLAYER_TIMEOUT)."""
-        get = settings.get
+        g = settings.get
         return cls(
-            port=get("COMMLAYER_PORT"),
-            ipc=get("COMMLAYER_IPC"),
-            timeout=timeout if timeout is not None else get("COMMLAYER_TIMEOUT"),
-            heartbeat=get("COMMLAYER_HEARTBEAT"),
-            linger=get("COMMLAYER_LINGER"),
-            mailbox_bytes=get("COMMLAYER_MAILBOX_BYTES"),
-            mailbox_messages=get("COMMLAYER_MAILBOX_MESSAGES"),
-            sockbuf=get("COMMLAYER_SOCKBUF"),
-            shm_bytes=get("COMMLAYER_SHM_BYTES") if get("COMMLAYER_SHM") else 0,
+            port=g("COMMLAYER_PORT"),
+            ipc=g("COMMLAYER_IPC"),
+            timeout=timeout if timeout is not None else g("COMMLAYER_TIMEOUT"),
+            heartbeat=g("COMMLAYER_HEARTBEAT"),
+            linger=g("COMMLAYER_LINGER"),
+            mailbox_bytes=g("COMMLAYER_MAILBOX_BYTES"),
+            mailbox_messages=g("COMMLAYER_MAILBOX_MESSAGES"),
+            mailbox_peer_bytes=g("COMMLAYER_MAILBOX_PEER_BYTES"),
+            mailbox_message_bytes=g("COMMLAYER_MAILBOX_MESSAGE_BYTES"),
+            sockbuf=g("COMMLAYER_SOCKBUF"),
+            shm_bytes=g("COMMLAYER_SHM_BYTES") if g("COMMLAYER_SHM") else 0,
         )

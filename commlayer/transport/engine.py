@@ -14,41 +14,27 @@ import os
 import threading
 import time
 import uuid
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from typing import Any, Callable, Sequence
 
 import zmq
 
+from commlayer.transport import envelope, shm
 from commlayer.transport.config import TransportConfig
 from commlayer.transport.endpoints import EndpointInfo, choose_host, connect_overrides, host_id, ipc_path
-from commlayer.transport.errors import CommError, CommTimeout, PeerFailure, TransportClosed
-from commlayer.transport.mailbox import Mailbox, Message
+from commlayer.transport.errors import CollectiveMismatch, CommError, CommTimeout, PeerFailure, TransportClosed
+from commlayer.transport.flush import Flush
+from commlayer.transport.mailbox import Limits, Mailbox, Message, P2PCallback
 from commlayer.transport.receive import Receiver
-from commlayer.transport import shm
-from commlayer.transport.security import CurveKeys, keys_from_env, secure_client, secure_server, start_authenticator
-from commlayer.transport.wire import Header, Kind
+from commlayer.transport.security import Credentials, CurveKeys, keys_from_env, start_authenticator
+from commlayer.transport.sockets import MONITOR_EVENTS, Peer, dealer_socket, router_socket, send_frames
+from commlayer.transport.wire import Call, Header, Kind, with_sizes
+
+Observer = Callable[[int, int, float], None]
 
 logger = logging.getLogger(__name__)
 
 _HELLO = "__hello__"
-
-
-@dataclass
-class _Peer:
-    rank: int
-    endpoint: str
-    sock: zmq.Socket
-    monitor: zmq.Socket | None
-    lock: threading.Lock = field(default_factory=threading.Lock)
-    state: str = "connecting"  # connecting | connected | left | dead
-    suspect_since: float = 0.0  # when its connection dropped (0 = not suspected)
-    shm_ok: bool = False  # co-located: large payloads may go through shared memory
-    shm_out: Any = None  # shm.Producer towards the peer (made on the first large payload)
-    shm_in: Any = None  # shm.Consumer of the peer's ring towards us (opened on first use)
-    bytes_sent: int = 0
-    bytes_recv: int = 0
-    msgs_sent: int = 0
-    msgs_recv: int = 0
 
 
 class Transport(Receiver):
@@ -62,7 +48,7 @@ class Transport(Receiver):
     """
 
     def __init__(self, rank: int, world_size: int, config: TransportConfig | None = None, name: str = "commlayer",
-                 curve: CurveKeys | None = None) -> None:
+                 curve: CurveKeys | None = None, creds: Credentials | None = None) -> None:
         if not 0 <= rank < world_size:
             raise ValueError(f"Expected 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
         self.rank = rank
@@ -70,21 +56,21 @@ class Transport(Receiver):
         self.config = config or TransportConfig.from_env()
         self.name = name
         self.nonce = uuid.uuid4().hex[:12]
-        self.mailbox = Mailbox(self.config.mailbox_bytes, self.config.mailbox_messages)
+        c = self.config
+        self.mailbox = Mailbox(Limits(c.mailbox_bytes, c.mailbox_messages, c.mailbox_peer_bytes, c.mailbox_message_bytes), rank)
+        self.mailbox.add_mismatch_listener(self._warn_mismatch)
         self.rejected = 0
+        self.first_failure: int | None = None  # the first rank this rank found failed (told to peers in its goodbye)
+        self.stalled: tuple[float, float] = (0.0, 0.0)  # (when, seconds) of this process's last stall
         self._ctx = zmq.Context(io_threads=1)
-        self._router = self._ctx.socket(zmq.ROUTER)
-        self._router.setsockopt(zmq.LINGER, 0)
-        self._router.setsockopt(zmq.RCVHWM, self.config.hwm)
-        if self.config.sockbuf:
-            self._router.setsockopt(zmq.RCVBUF, self.config.sockbuf)
-        self._router.setsockopt(zmq.MAXMSGSIZE, -1)
-        self._set_heartbeat(self._router)
-        self.curve = curve if curve is not None else keys_from_env(rank, world_size)
-        self._auth = start_authenticator(self._ctx, self.curve) if self.curve is not None else None
-        if self.curve is not None:
-            secure_server(self._router, self.curve)
-        self._peers: dict[int, _Peer] = {}
+        if creds is None:
+            keys = curve if curve is not None else keys_from_env(rank, world_size)
+            creds = Credentials(keys, None, keys is not None)
+        self.creds = creds
+        self.curve = creds.curve if creds.encrypt else None  # this rank's server encrypts
+        self._auth = start_authenticator(self._ctx, creds)
+        self._router = router_socket(self._ctx, self.config, creds)
+        self._peers: dict[int, Peer] = {}
         self._listeners: list[Callable[[int, str], None]] = []
         self._io_thread: threading.Thread | None = None
         self._ctrl_send: zmq.Socket | None = None
@@ -98,19 +84,13 @@ class Transport(Receiver):
         self._closed = False
         self._close_lock = threading.Lock()
         self._ipc_file = ""
-        # Passive measurement hooks (commlayer.adapt): called as observer(peer, nbytes, seconds).
-        # on_recv: seconds the receiver waited for a message of nbytes; on_send: seconds spent queueing it.
-        self.on_recv: Callable[[int, int, float], None] | None = None
-        self.on_send: Callable[[int, int, float], None] | None = None
+        # Passive measurement observers (commlayer.adapt), called as observer(peer, nbytes, seconds):
+        # receive: seconds the receiver waited for a message of nbytes; send: seconds spent queueing it.
+        self.recv_observers: list[Observer] = []
+        self.send_observers: list[Observer] = []
         self.endpoint: EndpointInfo | None = None
         self.peer_info: dict[int, EndpointInfo] = {}
         self._close_hooks: list[Callable[[], None]] = []  # add_close_hook(): run by close()
-
-    def _set_heartbeat(self, sock: zmq.Socket) -> None:
-        ivl = max(1, int(self.config.heartbeat * 1000))
-        sock.setsockopt(zmq.HEARTBEAT_IVL, ivl)
-        sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, ivl)
-        sock.setsockopt(zmq.HEARTBEAT_TTL, 2 * ivl)
 
     # ---- setup ----------------------------------------------------------------------------
     def listen(self) -> EndpointInfo:
@@ -137,9 +117,10 @@ class Transport(Receiver):
                 logger.info("rank %d: no ipc endpoint (%s); co-located peers use TCP", self.rank, exc)
                 self._ipc_file = ""
         if self.curve is None and not host.startswith("127.") and host != "localhost":
-            logger.warning("rank %d LISTENS ON %s WITHOUT ENCRYPTION: anyone who can reach this port can read and inject "
-                           "gradients. Set COMMLAYER_SECRET (same value on every rank) to encrypt and authenticate peers",
-                           self.rank, tcp)
+            logger.warning("rank %d LISTENS ON %s WITHOUT ENCRYPTION: anyone on the path can read the gradients%s",
+                           self.rank, tcp, "" if self.creds.authenticated else
+                           " and anyone who can reach this port can inject them. Set COMMLAYER_SECRET (same value on every "
+                           "rank) or start the ranks through a rendezvous store (torchrun) to authenticate peers")
         pub = self.curve.public.decode() if self.curve is not None else ""
         self.endpoint = EndpointInfo(self.rank, tcp, ipc, host_id(), os.getpid(), self.nonce, pub)
         return self.endpoint
@@ -159,28 +140,10 @@ class Transport(Receiver):
                 ep = info.ipc
             else:
                 ep = info.tcp
-            sock = self._ctx.socket(zmq.DEALER)
-            sock.setsockopt(zmq.ROUTING_ID, f"r{self.rank}".encode())
-            sock.setsockopt(zmq.SNDHWM, self.config.hwm)
-            if self.config.sockbuf:
-                sock.setsockopt(zmq.SNDBUF, self.config.sockbuf)
-            sock.setsockopt(zmq.LINGER, int(self.config.linger * 1000))
-            sock.setsockopt(zmq.SNDTIMEO, int(self.config.timeout * 1000))
-            sock.setsockopt(zmq.RECONNECT_IVL, 100)
-            self._set_heartbeat(sock)
-            if self.curve is not None:
-                try:
-                    secure_client(sock, self.curve, self.curve.check_peer(p, info.curve_public))
-                except ConnectionRefusedError as exc:
-                    sock.close(linger=0)
-                    raise CommError(f"rank {self.rank} refuses to connect to rank {p}: {exc}") from None
-            elif info.curve_public:
-                sock.close(linger=0)
-                raise CommError(f"rank {p} requires encryption but this rank has no keys; set the same COMMLAYER_SECRET on every rank")
-            monitor = sock.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED | zmq.EVENT_HANDSHAKE_FAILED_AUTH
-                                              | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL)
+            sock = dealer_socket(self._ctx, self.config, self.creds, self.rank, p, info.curve_public)
+            monitor = sock.get_monitor_socket(MONITOR_EVENTS)
             sock.connect(ep)
-            self._peers[p] = _Peer(p, ep, sock, monitor)
+            self._peers[p] = Peer(p, ep, sock, monitor)
             self._peers[p].shm_ok = ep == info.ipc and bool(self.config.shm_bytes) and shm.available()
         ctrl_recv, self._ctrl_send = self._pair("ctrl")
         wake_recv, self._wake_send = self._pair("wake")
@@ -197,41 +160,32 @@ class Transport(Receiver):
 
     def handshake(self, timeout: float) -> None:
         """Exchanges HELLO with every peer, proving both directions work before the first op."""
-        for p in self._peers:
-            self.send(p, Header(Kind.HELLO, "hello", _HELLO, 0, 0, 0, self.rank,
-                                meta={"world_size": self.world_size, "nonce": self.nonce}), [])
-        deadline = time.monotonic() + timeout
-        for p in self._peers:
-            try:
-                msg = self.recv(_HELLO, 0, 0, 0, p, max(0.0, deadline - time.monotonic()), "connection handshake")
-            except CommTimeout:
-                missing = [q for q in self._peers if self._peers[q].msgs_recv == 0]
-                raise CommTimeout(f"rank {self.rank} ({self.name}): no handshake from ranks {missing} within {timeout:.0f} s; "
-                                  f"this rank connects to " + ", ".join(f"{q}->{self._peers[q].endpoint}" for q in missing)
-                                  + ". Check COMMLAYER_HOST on those ranks, firewalls and COMMLAYER_CONNECT_OVERRIDES") from None
-            if msg.header.meta.get("world_size") != self.world_size:
-                raise CommError(f"rank {p} runs with world_size {msg.header.meta.get('world_size')}, this rank with {self.world_size}")
+        from commlayer.transport.bootstrap import handshake
+
+        handshake(self, timeout)
 
     # ---- data path ------------------------------------------------------------------------
-    def send(self, peer: int, header: Header, frames: Sequence[Any], track: bool = False) -> list[zmq.MessageTracker]:
+    def send(self, peer: int, header: Header, frames: Sequence[Any], track: bool = False) -> Flush:
         """Sends a header and raw frames to ``peer``; large frames go zero-copy.
 
         The caller must not modify a zero-copy buffer until the peer has received it (a later
-        reply proves that) or, with ``track=True``, until the returned trackers are done.
+        reply proves that) or, with ``track=True``, until the returned :class:`Flush` is waited.
         """
         if peer == self.rank:
             self.mailbox.deliver(Message(header, [memoryview(f).cast("B") if not isinstance(f, bytes) else f for f in frames]))
-            return []
+            return Flush()
         p = self._peers.get(peer)
         if p is None:
             raise ValueError(f"Expected a peer rank in [0, {self.world_size}), got {peer}")
         if p.state in ("dead", "left") or self._closing.is_set():
             if self._closing.is_set():
                 raise TransportClosed(f"{header.op} #{header.seq}: the transport of rank {self.rank} is shut down")
-            raise PeerFailure(f"{header.op} #{header.seq} in {header.channel!r}: cannot send to rank {peer}, it "
-                              + ("shut down" if p.state == "left" else "failed"), peer=peer)
+            why = self.mailbox.failure_for("", peer)  # names the rank to blame (maybe not ``peer``)
+            raise PeerFailure(f"{header.op} #{header.seq} in {header.channel!r}: cannot send to rank {peer}: "
+                              + (str(why) if why is not None else "it " + ("shut down" if p.state == "left" else "failed")),
+                              peer=getattr(why, "peer", peer))
         if frames and not header.nbytes:
-            header = _with_sizes(header, frames)
+            header = with_sizes(header, frames)
         if p.shm_ok and frames and sum(header.nbytes) >= self.config.shm_min:
             with p.lock:
                 if p.shm_out is None:
@@ -246,27 +200,74 @@ class Transport(Receiver):
                 frames = ()
         hdr = header.pack()
         t0 = time.monotonic()
-        trackers: list[zmq.MessageTracker] = []
-        threshold = self.config.copy_threshold
-        n = len(frames)
         with p.lock:
             try:
-                p.sock.send(hdr, zmq.SNDMORE if n else 0)
-                for i, f in enumerate(frames):
-                    big = len(f) >= threshold if isinstance(f, (bytes, bytearray)) else memoryview(f).nbytes >= threshold
-                    flags = zmq.SNDMORE if i < n - 1 else 0
-                    if big and track:
-                        trackers.append(p.sock.send(f, flags, copy=False, track=True))
-                    else:
-                        p.sock.send(f, flags, copy=not big)
+                trackers = send_frames(p.sock, hdr, frames, self.config.copy_threshold, track)
             except zmq.Again:
                 raise CommTimeout(f"{header.op} #{header.seq}: sending to rank {peer} blocked for {self.config.timeout:.0f} s "
                                   f"({self.config.hwm} messages queued); rank {peer} is not receiving") from None
             p.msgs_sent += 1
             p.bytes_sent += sum(header.nbytes)
-        if self.on_send is not None:
-            self.on_send(peer, sum(header.nbytes), time.monotonic() - t0)
-        return trackers
+        if self.send_observers:
+            el = time.monotonic() - t0
+            for obs in list(self.send_observers):
+                obs(peer, sum(header.nbytes), el)
+        return Flush(peer, trackers)
+
+    # ---- facade for topologies and the backend (nobody outside reaches into the mailbox) ------------
+    def expect(self, channel: str, seq: int, op: str, call: Call | None, ranks: Sequence[int]) -> None:
+        """Declares this rank's collective call ``seq`` on ``channel``; disagreeing messages abort the channel."""
+        self.mailbox.expect(channel, seq, op, call, tuple(ranks))
+
+    def post_p2p(self, channel: str, tag: int, src: int | None, callback: P2PCallback) -> None:
+        """Posts a receive of a tagged message (``src`` None: any source); ``callback(msg, error)`` runs once."""
+        self.mailbox.post_p2p(channel, tag, src, callback)
+
+    def cancel_p2p(self, channel: str, tag: int, callback: P2PCallback) -> bool:
+        return self.mailbox.cancel_p2p(channel, tag, callback)
+
+    def abort_channel(self, channel: str, error: BaseException) -> None:
+        self.mailbox.abort_channel(channel, error)
+
+    def drop_channel(self, channel: str) -> None:
+        self.mailbox.drop_channel(channel)
+
+    def failure_for(self, channel: str, peer: int | None) -> BaseException | None:
+        """The error a wait on ``peer`` in ``channel`` would raise now, or None."""
+        return self.mailbox.failure_for(channel, peer)
+
+    def wait_flushed(self, flush: Flush, channel: str, timeout: float, what: str) -> None:
+        """Waits until ``flush``'s zero-copy buffers are released (fails early if their peer or channel fails)."""
+        if flush:
+            flush.wait(timeout, lambda peer: self.mailbox.failure_for(channel, peer), what)
+
+    def add_observer(self, on_send: Observer | None = None, on_recv: Observer | None = None) -> None:
+        """Adds passive measurement observers ``(peer, nbytes, seconds)``; :meth:`remove_observer` takes them out."""
+        self.send_observers += [on_send] if on_send else []
+        self.recv_observers += [on_recv] if on_recv else []
+
+    def remove_observer(self, on_send: Observer | None = None, on_recv: Observer | None = None) -> None:
+        self.send_observers[:] = [o for o in self.send_observers if o != on_send]  # == : bound methods are new objects
+        self.recv_observers[:] = [o for o in self.recv_observers if o != on_recv]
+
+    def _warn_mismatch(self, channel: str, ranks: tuple[int, ...], error: CollectiveMismatch) -> None:
+        """Tells every other rank of the group that the channel's calls disagree (they fail it at once)."""
+        abort = envelope.control(Kind.ABORT, channel, self.rank, meta={"error": str(error)[:2000], "ranks": list(error.ranks)})
+        for r in (r for r in ranks if r in self._peers and self._peers[r].state in ("connecting", "connected")):
+            try:
+                self.send(r, abort, [])
+            except CommError:
+                pass
+
+    def release_ipc_path(self) -> None:
+        """Unlinks the ipc:// socket file once every peer is connected (connections stay): nothing is left
+        in the IPC directory however the process exits later."""
+        if self._ipc_file:
+            try:
+                os.unlink(self._ipc_file)
+            except OSError:
+                pass
+            self._ipc_file = ""
 
     @property
     def all_local(self) -> bool:
@@ -305,8 +306,10 @@ class Transport(Receiver):
             if p.state in ("connecting", "connected"):
                 try:
                     with p.lock:
-                        p.sock.send(Header(Kind.BYE, "bye", _HELLO, 0, 0, 0, self.rank,
-                                           meta={"reason": reason[:1000]} if reason else {}).pack(), zmq.NOBLOCK)
+                        meta: dict[str, Any] = {"reason": reason[:1000]} if reason else {}
+                        if self.first_failure is not None:
+                            meta["failed"] = self.first_failure
+                        p.sock.send(envelope.control(Kind.BYE, _HELLO, self.rank, meta=meta).pack(), zmq.NOBLOCK)
                 except zmq.ZMQError:
                     pass
         self._closing.set()
@@ -346,17 +349,9 @@ class Transport(Receiver):
                 p.shm_out.close()
             if p.shm_in is not None:
                 p.shm_in.close()
-        if self._ipc_file:
-            try:
-                os.unlink(self._ipc_file)
-            except OSError:
-                pass
+        self.release_ipc_path()
 
     @property
     def closed(self) -> bool:
         return self._closed
 
-
-def _with_sizes(header: Header, frames: Sequence[Any]) -> Header:
-    return replace(header, nbytes=tuple(f.nbytes if isinstance(f, memoryview) else len(f) if isinstance(f, (bytes, bytearray))
-                                        else memoryview(f).nbytes for f in frames))

@@ -23,6 +23,18 @@ class WireError(CommError, ValueError):
     """A malformed, unexpected or oversized message arrived; it was rejected."""
 
 
+class CollectiveMismatch(CommError):
+    """Ranks called different collectives (kind, root, size, dtype, reduce op or shapes) at the same point.
+
+    Attributes:
+        ranks: the global ranks whose calls disagree.
+    """
+
+    def __init__(self, message: str, ranks: tuple[int, ...] = ()) -> None:
+        super().__init__(message)
+        self.ranks = ranks
+
+
 class TransportClosed(CommError):
     """The transport (or the process group over it) was shut down."""
 

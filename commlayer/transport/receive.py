@@ -15,11 +15,11 @@ from typing import Any
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
-from commlayer.transport import shm
-from commlayer.transport.errors import CommError, TransportClosed, WireError
+from commlayer.transport import envelope, shm
+from commlayer.transport.errors import CollectiveMismatch, CommError, TransportClosed, WireError
 from commlayer.transport.mailbox import Message, timeout_error
 from commlayer.transport.security import user_id
-from commlayer.transport.wire import Header, Kind, check_frames, unpack_header
+from commlayer.transport.wire import PART_BYTES, Header, Kind, check_frames, join_frames, unpack_header
 
 logger = logging.getLogger("commlayer.transport.engine")
 
@@ -43,10 +43,11 @@ class Receiver:
         if msg is None:
             t0 = time.monotonic()
             msg = self._recv_wait(key, src, timeout, what, t0 + timeout)
-            if self.on_recv is not None:
-                self.on_recv(src, msg.nbytes, time.monotonic() - t0)
-        elif self.on_recv is not None:
-            self.on_recv(src, msg.nbytes, 0.0)
+            waited = time.monotonic() - t0
+        else:
+            waited = 0.0
+        for obs in list(self.recv_observers):
+            obs(src, msg.nbytes, waited)
         return msg
 
     def _recv_wait(self, key: tuple, src: int, timeout: float, what: str, deadline: float) -> Message:
@@ -109,8 +110,15 @@ class Receiver:
         idle.register(self._router, zmq.POLLIN)
         grace = 0.005  # the I/O thread reads the socket only after operations left it alone this long (bounds the
         # latency of threads that wait on the mailbox instead of reading, e.g. gossip and PS servers)
+        last = time.monotonic()
         try:
             while True:
+                now = time.monotonic()
+                if now - last > max(2 * self.config.heartbeat, 2.0):  # this process did not run: peers may drop it
+                    self.stalled = (now, now - last)
+                    logger.warning("rank %d: this process was stalled for %.1f s (stopped, swapped out or starved)", self.rank,
+                                   now - last)
+                last = now
                 events: dict = {}
                 if self._rx_demand == 0 and time.monotonic() - self._last_demand > grace:
                     if self._rx_lock.acquire(timeout=0.05):
@@ -148,16 +156,18 @@ class Receiver:
             if len(frames) < 2:
                 raise WireError("expected an envelope and a header frame, got only the envelope")
             header = unpack_header(frames[1].buffer)
-            payload = frames[2:]
-            if "shm" in header.meta:
-                payload = self._shm_payload(header, payload)
-            check_frames(header, payload)
+            # Identity first: nothing of an unauthenticated or misnamed sender is joined, mapped or buffered.
             if not (0 <= header.src < self.world_size) or ident != f"r{header.src}".encode() or header.src == self.rank:
                 raise WireError(f"header claims src={header.src} but the connection identifies as {ident!r}")
-            if self.curve is not None and self.curve.by_rank is not None:
-                uid = user_id(frames[1])
-                if uid.encode() != self.curve.by_rank[header.src]:
-                    raise WireError(f"message claims src={header.src} but its connection authenticated as another key ({uid[:8]}...)")
+            if not self.creds.accepts(header.src, user_id(frames[1])):
+                raise WireError(f"message claims src={header.src} but its connection authenticated as another peer "
+                                f"({user_id(frames[1])[:8]}...)")
+            payload = [f.buffer for f in frames[2:]]
+            if "shm" in header.meta:
+                payload = self._shm_payload(header, payload)
+            else:
+                payload = join_frames(header, payload, PART_BYTES)
+            check_frames(header, payload)
         except Exception as exc:  # anything a hostile frame provokes is a rejection, never a crash
             self.rejected += 1
             if self.rejected <= 10 or self.rejected % 1000 == 0:  # rate-limited: a flood must not flood the log
@@ -167,7 +177,7 @@ class Receiver:
         p = self._peers[header.src]
         p.msgs_recv += 1
         p.bytes_recv += sum(header.nbytes)
-        if header.kind == Kind.DATA or header.kind == Kind.HELLO:
+        if header.kind in (Kind.DATA, Kind.HELLO, Kind.P2P):
             try:
                 self.mailbox.deliver(Message(header, payload))
             except WireError as exc:
@@ -177,15 +187,32 @@ class Receiver:
         elif header.kind == Kind.BYE:
             p.state = "left"
             why = header.meta.get("reason")
-            self.mailbox.peer_failed(header.src, "it shut down its process group (destroy_process_group or exit) before sending"
-                                     + (f", after: {why}" if isinstance(why, str) and why else ""))
+            failed = header.meta.get("failed")
+            culprit = failed if isinstance(failed, int) and not isinstance(failed, bool) and 0 <= failed < self.world_size \
+                and failed != header.src else header.src
+            if culprit == self.rank:
+                text = (f"rank {header.src} heard nothing from this rank for too long (was this process stopped, swapped out or "
+                        "starved?) and shut down")
+            elif culprit != header.src:
+                text = f"shut down after it found rank {culprit} failed"
+            else:
+                text = "it shut down its process group (destroy_process_group or exit) before sending"
+            if culprit != header.src and self.first_failure is None:
+                self.first_failure = culprit
+            self.mailbox.peer_failed(header.src, text + (f", after: {why}" if isinstance(why, str) and why else ""), culprit)
             for cb in list(self._listeners):
                 cb(header.src, "left")
         elif header.kind == Kind.PING:
             try:
-                self.send(header.src, Header(Kind.PONG, "pong", header.channel, header.seq, 0, 0, self.rank, meta=header.meta), [])
+                self.send(header.src, envelope.control(Kind.PONG, header.channel, self.rank, seq=header.seq, meta=header.meta), [])
             except CommError:
                 pass
+        elif header.kind == Kind.ABORT:  # a peer found this channel's calls mismatched: fail it here too
+            why = header.meta.get("error")
+            ranks = header.meta.get("ranks")
+            self.mailbox.abort_channel(header.channel, CollectiveMismatch(
+                f"{why if isinstance(why, str) else 'collective mismatch'} (found by rank {header.src})",
+                ranks=tuple(r for r in ranks if isinstance(r, int)) if isinstance(ranks, list) else ()))
         else:  # PONG: delivered like data for whoever probes
             self.mailbox.deliver(Message(header, payload))
 
@@ -243,8 +270,16 @@ class Receiver:
         if p.state == "dead":
             return
         p.state = "dead"
+        culprit = peer
+        at, gap = self.stalled
+        if gap and time.monotonic() - at < 4 * self.config.heartbeat + 2.0:  # blame the stall, not the peer
+            culprit = self.rank
+            reason = (f"this rank (rank {self.rank}) was stalled for {gap:.1f} s (stopped, swapped out or starved), so its link "
+                      f"to rank {peer} timed out; rank {peer} is probably alive ({reason})")
+        if self.first_failure is None:
+            self.first_failure = culprit
         logger.warning("rank %d: rank %d failed: %s", self.rank, peer, reason)
-        self.mailbox.peer_failed(peer, reason)
+        self.mailbox.peer_failed(peer, reason, culprit)
         for cb in list(self._listeners):
             try:
                 cb(peer, reason)

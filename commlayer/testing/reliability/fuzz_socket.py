@@ -18,7 +18,10 @@ def fuzz_serve_worker(rank: int, world: int, events: Any, stop: Any, ticks: Any,
     """A rank that keeps running verified collectives while the parent attacks rank 1's socket."""
     init_zmq(timeout=60.0)
     tr = world_transport()
-    events.put((rank, "ready", {"tcp": tr.endpoint.tcp, "pid": os.getpid()}))
+    # The attacker is an insider (it holds rank 0's job credentials), so its garbage passes the
+    # ZeroMQ handshake and reaches commlayer's validation; a stranger never gets that far.
+    pw = tr.creds.passwords[0] if tr.creds.passwords is not None else ""
+    events.put((rank, "ready", {"tcp": tr.endpoint.tcp, "pid": os.getpid(), "password": pw}))
     wrong: list[str] = []
     t_end = time.monotonic() + limit
     i = 0
@@ -45,10 +48,12 @@ def fuzz_serve_worker(rank: int, world: int, events: Any, stop: Any, ticks: Any,
     return out
 
 
-def _rogue_socket(ctx: Any, target: str, ident: bytes | None) -> Any:
+def _rogue_socket(ctx: Any, target: str, ident: bytes | None, password: str = "") -> Any:
     import zmq
 
     s = ctx.socket(zmq.DEALER)
+    if password:
+        s.plain_username, s.plain_password = b"r0", password.encode()
     if ident is not None:
         s.setsockopt(zmq.ROUTING_ID, ident)
     s.setsockopt(zmq.LINGER, 0)
@@ -86,7 +91,7 @@ def fuzz_socket(n: int, seed: int, world: int = 2, deep: bool = True, big_frames
             raise RuntimeError(f"fuzz world did not start: {ready}")
         target, pid = ready[1][1]["tcp"], ready[1][1]["pid"]
         idents = [b"evil", b"r1", b"r0", b"r%d" % (world + 3), b"\x00" * 255, None]
-        socks = [_rogue_socket(zctx, target, i) for i in idents]
+        socks = [_rogue_socket(zctx, target, i, ready[1][1].get("password", "")) for i in idents]
         time.sleep(0.5)
         before = census(pid)
         peak = before["rss_kb"]
