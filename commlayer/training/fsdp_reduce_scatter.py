@@ -49,12 +49,12 @@ class ReduceScatterStats:
 def _kind(op: object) -> tuple[str, float | None]:
     """("sum" | "avg" | "other", premul factor)."""
     red = op.op if hasattr(op, "op") else op  # a ReduceOp object or its RedOpType
-    if red == dist.ReduceOp.RedOpType.SUM:
+    if red == dist.ReduceOp.RedOpType.SUM:  # type: ignore[attr-defined]
         return "sum", None
-    if red == dist.ReduceOp.RedOpType.AVG:
+    if red == dist.ReduceOp.RedOpType.AVG:  # type: ignore[attr-defined]
         return "avg", None
-    if red == dist.ReduceOp.RedOpType.PREMUL_SUM:
-        f = op.factor  # type: ignore[union-attr]
+    if red == dist.ReduceOp.RedOpType.PREMUL_SUM:  # type: ignore[attr-defined]
+        f = op.factor  # type: ignore[union-attr,attr-defined]
         return "sum", float(f.item() if isinstance(f, torch.Tensor) else f)
     return "other", None
 
@@ -113,7 +113,7 @@ class CompressedReduceScatter(ReduceScatter):
         off = 0
         for r, size in enumerate(recv_sizes.tolist()):
             if r != me:
-                enc = unpack(memoryview(recv[off:off + size].numpy()))
+                enc = unpack(memoryview(recv[off:off + size].numpy()))  # type: ignore[arg-type]
                 acc = acc + self.codec.decode(enc, self._ctx(me, n, blocks.dtype, step)).reshape(-1).to(acc.dtype)
             off += size
         if kind == "avg":

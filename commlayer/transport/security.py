@@ -37,8 +37,6 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
-from commlayer import settings
-
 import zmq
 import zmq.auth
 from zmq.auth.thread import ThreadAuthenticator

@@ -77,7 +77,7 @@ class _Futex:
             self._syscall.restype = ctypes.c_long
             self.ok = True
         except (OSError, AttributeError):  # pragma: no cover - no libc
-            self._syscall, self.ok = None, False
+            self._syscall, self.ok = None, False  # type: ignore[assignment]
 
     def wait(self, addr: int, expected: int, seconds: float) -> None:
         """Sleeps while the word at ``addr`` equals ``expected``, at most ``seconds`` (spurious wake-ups are fine)."""
