@@ -79,6 +79,10 @@ def _msgs_sent(pg: Any) -> int:
     return sum(s["msgs_sent"] for s in pg.transport.peer_stats().values())
 
 
+def _bytes_sent(pg: Any) -> int:
+    return sum(s["bytes_sent"] for s in pg.transport.peer_stats().values())
+
+
 def _region(pg: Any) -> Any:
     from commlayer.topologies.shm_allreduce import _states
 
@@ -92,13 +96,14 @@ def _cases_worker(rank: int, world: int) -> dict:
     errors, digests, compared = [], {}, 0
     dist.all_reduce(torch.ones(4))  # set-up: the only messages the shared-memory path sends
     fds_mapped = len(os.listdir("/proc/self/fd"))
-    sent = _msgs_sent(pg)
+    sent, sent_bytes, calls = _msgs_sent(pg), _bytes_sent(pg), 0
     for dt in DTYPES:
         for op in _ops(dt):
             for n in SIZES:
                 name = f"{op} {dt} n={n}"
                 got = _input(rank, op, dt, n)
                 dist.all_reduce(got, op=op)
+                calls += 1
                 want = _reference(op, [_input(r, op, dt, n) for r in range(world)])
                 if not torch.equal(got, want):
                     errors.append(f"{name}: differs from the rank-order reference (max diff "
@@ -116,7 +121,7 @@ def _cases_worker(rank: int, world: int) -> dict:
                         errors.append(f"{name}: not identical to gloo")
                     elif not exact and not torch.allclose(got.double(), g.double(), rtol=2e-2, atol=2e-2):
                         errors.append(f"{name}: far from gloo")
-    sent_after = _msgs_sent(pg)
+    sent_after, bytes_after = _msgs_sent(pg), _bytes_sent(pg)
     # A transposed (non-contiguous) tensor and a multi-dimensional one.
     base = [make(r, "nc", 41 * 50, torch.float32).reshape(41, 50) for r in range(world)]
     t = base[rank].clone().t()
@@ -125,7 +130,7 @@ def _cases_worker(rank: int, world: int) -> dict:
         errors.append("non-contiguous float32: differs from the reference")
     digests["nc"] = _digest(t)
     state = _region(pg)
-    out = {"errors": errors, "digests": digests, "sent": sent_after - sent, "region": state.region is not None,
+    out = {"errors": errors, "digests": digests, "sent": sent_after - sent, "sent_bytes": bytes_after - sent_bytes, "calls": calls, "region": state.region is not None,
            "why": state.why, "fds_mapped": fds_mapped, "pid": os.getpid(), "gloo_compared": compared}
     dist.destroy_process_group()
     return out
@@ -137,8 +142,10 @@ def test_every_dtype_and_op_matches_reference_and_gloo_bit_identical_on_every_ra
     for r in res:
         assert r["region"], r["why"]
         assert r["errors"] == [], "\n".join(r["errors"][:20])
-        # After set-up no all-reduce sent a single socket message: they all went through shared memory.
-        assert r["sent"] == 0, r["sent"]
+        # After set-up the data of every all-reduce went through shared memory: the sockets carried only
+        # each call's fingerprint (one payload-free message to each peer), nothing else.
+        assert r["sent_bytes"] == 0, r["sent_bytes"]
+        assert r["sent"] == r["calls"] * (world - 1), (r["sent"], r["calls"])
         assert r["gloo_compared"] >= 150, r["gloo_compared"]
     for r in res[1:]:
         assert r["digests"] == res[0]["digests"], [k for k in r["digests"] if r["digests"][k] != res[0]["digests"].get(k)]

@@ -19,8 +19,15 @@ def exact_allreduce(rt: GroupRuntime, comm: OpComm, buf: torch.Tensor, op: Reduc
     """Runs the exact all-reduce the group's options (or its link-aware controller) choose."""
     if rt.adaptive is not None:
         rt.adaptive.run(comm, buf, op)
-    elif not shm_allreduce(comm, buf, op, enabled=rt.options.algo == "auto"):  # every rank co-located: shared memory
-        dense_allreduce(comm.shifted(SETUP_STEPS), buf, op, rt.options.algo, rt.options.ring_order, rt.options.chunk_bytes)
+        return
+    if rt.options.algo == "auto" and rt.transport.all_local:  # every rank co-located: shared memory
+        # The region carries no fingerprint: every rank's call is compared over the sockets first, so a
+        # disagreement fails at once instead of reducing mismatched buffers (one tiny message per peer).
+        comm.declare(count=buf.numel(), dtype=buf.dtype, redop=op, confirm=True)
+        comm.finish()
+        if shm_allreduce(comm, buf, op, enabled=True):
+            return
+    dense_allreduce(comm.shifted(SETUP_STEPS), buf, op, rt.options.algo, rt.options.ring_order, rt.options.chunk_bytes)
 
 
 def codec_algorithm(rt: GroupRuntime) -> str:
