@@ -67,9 +67,11 @@ def test_profile_rate_and_rtt(name: str, seconds: float, server_port: int) -> No
 def test_schedule_change_at_expected_time(server_port: int) -> None:
     spec = LinkSpec(10.0, 100.0, schedule=(ScheduleStep(1.5, rate_mbit=10.0),))
     m = uniform_matrix("sched", 2, spec)
-    t0 = time.monotonic()
+    # The schedule's origin lies after the relays' start-up (a relay process imports torch: seconds on
+    # a loaded machine), so the windows below always fall inside the measurement.
+    t0 = time.monotonic() + 8.0
     with start_relays(m, [free_port(), server_port], t0=t0) as relays:
-        res = bulk(HOST, relays.relay_ports[(0, 1)], seconds=2.6, max_bytes=15_000_000)
+        res = bulk(HOST, relays.relay_ports[(0, 1)], seconds=max(3.0, t0 + 2.6 - time.monotonic()), max_bytes=150_000_000)
     tl = res["timeline"]
     before = _rate_window(tl, t0 + 0.5, t0 + 1.4)
     after = _rate_window(tl, t0 + 1.8, t0 + 2.6)
