@@ -1,10 +1,7 @@
 """The ZeroMQ transport: one listening ROUTER per rank, one DEALER per peer, a background I/O thread.
 
-Outgoing messages are written by the calling thread straight into the peer's DEALER (guarded by
-a lock); ZeroMQ's own I/O thread does the socket work. Incoming messages are read by one
-background thread, validated, and delivered into the :class:`Mailbox`, where operations pick
-them up with timeouts. Peer failure is detected from socket events (disconnect, heartbeat
-expiry) and fails every wait that needs the peer.
+Callers write straight into a peer's DEALER (under a lock); one background thread reads, validates and
+delivers into the :class:`Mailbox`; peer failure (socket events, heartbeats) fails every wait on the peer.
 """
 
 from __future__ import annotations
@@ -260,8 +257,7 @@ class Transport(Receiver):
                 pass
 
     def release_ipc_path(self) -> None:
-        """Unlinks the ipc:// socket file once every peer is connected (connections stay): nothing is left
-        in the IPC directory however the process exits later."""
+        """Unlinks the ipc:// socket file once every peer is connected (nothing left however the process exits)."""
         if self._ipc_file:
             try:
                 os.unlink(self._ipc_file)
@@ -292,12 +288,8 @@ class Transport(Receiver):
 
     # ---- I/O thread ---------------------------------------------------------------------------
     def close(self, reason: str = "") -> None:
-        """Says goodbye to every peer, flushes (up to ``linger`` s), and frees sockets and threads.
-
-        Args:
-            reason: why this rank leaves (e.g. the failure that broke its group); peers still
-                waiting for it put it in their error, so the root cause travels to every rank.
-        """
+        """Says goodbye to every peer (with ``reason``, which peers still waiting put in their error), flushes
+        (up to ``linger`` s), and frees sockets and threads."""
         with self._close_lock:
             if self._closed:
                 return
