@@ -113,6 +113,12 @@ def shm_allreduce(comm: OpComm, flat: torch.Tensor, op: ReduceOp, enabled: bool 
     if comm.size == 1 or not enabled:
         return False
     state = _states.get(comm.group)
+    if state is not None and state.region is None:
+        return False
+    # The region carries no fingerprint: every rank's call is compared over the sockets first (one
+    # payload-free message per peer), so a disagreement fails at once, before any buffer is touched.
+    comm.declare(count=flat.numel(), dtype=flat.dtype, redop=op, confirm=True)
+    comm.finish()
     if state is None:
         state = _negotiate(comm)
     if state.region is None:

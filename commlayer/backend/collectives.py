@@ -20,13 +20,8 @@ def exact_allreduce(rt: GroupRuntime, comm: OpComm, buf: torch.Tensor, op: Reduc
     if rt.adaptive is not None:
         rt.adaptive.run(comm, buf, op)
         return
-    if rt.options.algo == "auto" and rt.transport.all_local:  # every rank co-located: shared memory
-        # The region carries no fingerprint: every rank's call is compared over the sockets first, so a
-        # disagreement fails at once instead of reducing mismatched buffers (one tiny message per peer).
-        comm.declare(count=buf.numel(), dtype=buf.dtype, redop=op, confirm=True)
-        comm.finish()
-        if shm_allreduce(comm, buf, op, enabled=True):
-            return
+    if rt.options.algo == "auto" and shm_allreduce(comm, buf, op):  # every rank co-located: shared memory
+        return
     dense_allreduce(comm.shifted(SETUP_STEPS), buf, op, rt.options.algo, rt.options.ring_order, rt.options.chunk_bytes)
 
 
