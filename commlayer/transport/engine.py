@@ -3,8 +3,9 @@
 Outgoing messages are written by the calling thread straight into the peer's DEALER (guarded by
 a lock); ZeroMQ's own I/O thread does the socket work. Incoming messages are read by one
 background thread, validated, and delivered into the :class:`Mailbox`, where operations pick
-them up with timeouts. Peer failure is detected from socket events (disconnect, heartbeat
-expiry) and fails every wait that needs the peer.
+them up with timeouts. Peer failure is detected from socket events (disconnect), a pidfd per
+co-located peer and adaptive heartbeats on a separate control connection
+(:mod:`commlayer.transport.heartbeat`), and fails every wait that needs the peer.
 """
 
 from __future__ import annotations
@@ -22,8 +23,11 @@ import zmq
 from commlayer.transport.config import TransportConfig
 from commlayer.transport.endpoints import EndpointInfo, choose_host, connect_overrides, host_id, ipc_path
 from commlayer.transport.errors import CommError, CommTimeout, PeerFailure, TransportClosed
+from commlayer.transport.flow import SendQueue
+from commlayer.transport.heartbeat import Heartbeats
 from commlayer.transport.mailbox import Mailbox, Message
 from commlayer.transport.receive import Receiver
+from commlayer.transport.shutdown import Shutdown
 from commlayer.transport import shm
 from commlayer.transport.security import CurveKeys, keys_from_env, secure_client, secure_server, start_authenticator
 from commlayer.transport.wire import Header, Kind
@@ -41,7 +45,12 @@ class _Peer:
     monitor: zmq.Socket | None
     lock: threading.Lock = field(default_factory=threading.Lock)
     state: str = "connecting"  # connecting | connected | left | dead
-    suspect_since: float = 0.0  # when its connection dropped (0 = not suspected)
+    suspect_since: float = 0.0  # deadline after which a dropped connection / exited process counts as dead (0 = none)
+    suspect_why: str = ""
+    ctrl: zmq.Socket | None = None  # control connection (heartbeats), see heartbeat.py
+    ctrl_lock: threading.Lock = field(default_factory=threading.Lock)
+    live: Any = None  # liveness.PeerLive
+    queue: SendQueue = field(default_factory=lambda: SendQueue(0))
     shm_ok: bool = False  # co-located: large payloads may go through shared memory
     shm_out: Any = None  # shm.Producer towards the peer (made on the first large payload)
     shm_in: Any = None  # shm.Consumer of the peer's ring towards us (opened on first use)
@@ -51,7 +60,7 @@ class _Peer:
     msgs_recv: int = 0
 
 
-class Transport(Receiver):
+class Transport(Receiver, Heartbeats, Shutdown):
     """Moves byte frames between the ranks of one job.
 
     Args:
@@ -79,7 +88,6 @@ class Transport(Receiver):
         if self.config.sockbuf:
             self._router.setsockopt(zmq.RCVBUF, self.config.sockbuf)
         self._router.setsockopt(zmq.MAXMSGSIZE, -1)
-        self._set_heartbeat(self._router)
         self.curve = curve if curve is not None else keys_from_env(rank, world_size)
         self._auth = start_authenticator(self._ctx, self.curve) if self.curve is not None else None
         if self.curve is not None:
@@ -98,18 +106,14 @@ class Transport(Receiver):
         self._closed = False
         self._close_lock = threading.Lock()
         self._ipc_file = ""
+        self._listen_port = 0
+        self._shared_hosts: set[str] = set()
         # Passive measurement hooks (commlayer.adapt): called as observer(peer, nbytes, seconds).
         # on_recv: seconds the receiver waited for a message of nbytes; on_send: seconds spent queueing it.
         self.on_recv: Callable[[int, int, float], None] | None = None
         self.on_send: Callable[[int, int, float], None] | None = None
         self.endpoint: EndpointInfo | None = None
         self.peer_info: dict[int, EndpointInfo] = {}
-
-    def _set_heartbeat(self, sock: zmq.Socket) -> None:
-        ivl = max(1, int(self.config.heartbeat * 1000))
-        sock.setsockopt(zmq.HEARTBEAT_IVL, ivl)
-        sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, ivl)
-        sock.setsockopt(zmq.HEARTBEAT_TTL, 2 * ivl)
 
     # ---- setup ----------------------------------------------------------------------------
     def listen(self) -> EndpointInfo:
@@ -126,6 +130,7 @@ class Transport(Receiver):
                    "set COMMLAYER_PORT to a free port or unset it to pick one" if exc.errno == zmq.EADDRINUSE
                    else "set COMMLAYER_HOST to an address of this machine")) from None
         tcp = self._router.getsockopt(zmq.LAST_ENDPOINT).decode()
+        self._listen_port = int(tcp.rsplit(":", 1)[1])
         ipc = ""
         if self.config.ipc:
             self._ipc_file = ipc_path(self.rank)
@@ -166,10 +171,11 @@ class Transport(Receiver):
             sock.setsockopt(zmq.LINGER, int(self.config.linger * 1000))
             sock.setsockopt(zmq.SNDTIMEO, int(self.config.timeout * 1000))
             sock.setsockopt(zmq.RECONNECT_IVL, 100)
-            self._set_heartbeat(sock)
+            server_key = None
             if self.curve is not None:
                 try:
-                    secure_client(sock, self.curve, self.curve.check_peer(p, info.curve_public))
+                    server_key = self.curve.check_peer(p, info.curve_public)
+                    secure_client(sock, self.curve, server_key)
                 except ConnectionRefusedError as exc:
                     sock.close(linger=0)
                     raise CommError(f"rank {self.rank} refuses to connect to rank {p}: {exc}") from None
@@ -179,8 +185,11 @@ class Transport(Receiver):
             monitor = sock.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED | zmq.EVENT_HANDSHAKE_FAILED_AUTH
                                               | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL)
             sock.connect(ep)
-            self._peers[p] = _Peer(p, ep, sock, monitor)
+            self._peers[p] = _Peer(p, ep, sock, monitor, queue=SendQueue(self.config.send_queue_bytes))
             self._peers[p].shm_ok = ep == info.ipc and bool(self.config.shm_bytes) and shm.available()
+            self._live_peer(self._peers[p], info, ep, server_key)
+        hosts = [x.live.host for x in self._peers.values() if x.live.host]
+        self._shared_hosts = {h for h in hosts if hosts.count(h) > 1}
         ctrl_recv, self._ctrl_send = self._pair("ctrl")
         wake_recv, self._wake_send = self._pair("wake")
         self._io_thread = threading.Thread(target=self._io_loop, args=(ctrl_recv, wake_recv), name=f"commlayer-io-{self.rank}",
@@ -248,21 +257,30 @@ class Transport(Receiver):
         trackers: list[zmq.MessageTracker] = []
         threshold = self.config.copy_threshold
         n = len(frames)
+        big_bytes = sum(nb for nb in header.nbytes if nb >= threshold)
+        if big_bytes:  # flow control: wait while too much is queued towards this peer
+            p.queue.admit(big_bytes, t0 + self.config.timeout, lambda: self._check_sendable(p, header),
+                          f"{header.op} #{header.seq}: sending to rank {peer}")
+        last = None
         with p.lock:
             try:
                 p.sock.send(hdr, zmq.SNDMORE if n else 0)
                 for i, f in enumerate(frames):
                     big = len(f) >= threshold if isinstance(f, (bytes, bytearray)) else memoryview(f).nbytes >= threshold
                     flags = zmq.SNDMORE if i < n - 1 else 0
-                    if big and track:
-                        trackers.append(p.sock.send(f, flags, copy=False, track=True))
+                    if big:
+                        last = p.sock.send(f, flags, copy=False, track=True)
+                        if track:
+                            trackers.append(last)
                     else:
-                        p.sock.send(f, flags, copy=not big)
+                        p.sock.send(f, flags, copy=True)
             except zmq.Again:
                 raise CommTimeout(f"{header.op} #{header.seq}: sending to rank {peer} blocked for {self.config.timeout:.0f} s "
                                   f"({self.config.hwm} messages queued); rank {peer} is not receiving") from None
             p.msgs_sent += 1
             p.bytes_sent += sum(header.nbytes)
+        if last is not None:
+            p.queue.add(last, big_bytes)
         if self.on_send is not None:
             self.on_send(peer, sum(header.nbytes), time.monotonic() - t0)
         return trackers
@@ -280,67 +298,19 @@ class Transport(Receiver):
         if callback in self._listeners:
             self._listeners.remove(callback)
 
+    def _check_sendable(self, p: _Peer, header: Header) -> None:
+        if self._closing.is_set():
+            raise TransportClosed(f"{header.op} #{header.seq}: the transport of rank {self.rank} is shut down")
+        if p.state in ("dead", "left"):
+            raise PeerFailure(f"{header.op} #{header.seq} in {header.channel!r}: cannot send to rank {p.rank}, it "
+                              + ("shut down" if p.state == "left" else "failed"), peer=p.rank)
+
     def peer_stats(self) -> dict[int, dict[str, Any]]:
         return {p: {"endpoint": x.endpoint, "state": x.state, "bytes_sent": x.bytes_sent, "bytes_recv": x.bytes_recv,
-                    "msgs_sent": x.msgs_sent, "msgs_recv": x.msgs_recv} for p, x in self._peers.items()}
-
-    # ---- I/O thread ---------------------------------------------------------------------------
-    def close(self, reason: str = "") -> None:
-        """Says goodbye to every peer, flushes (up to ``linger`` s), and frees sockets and threads.
-
-        Args:
-            reason: why this rank leaves (e.g. the failure that broke its group); peers still
-                waiting for it put it in their error, so the root cause travels to every rank.
-        """
-        with self._close_lock:
-            if self._closed:
-                return
-            self._closed = True
-        for p in self._peers.values():
-            if p.state in ("connecting", "connected"):
-                try:
-                    with p.lock:
-                        p.sock.send(Header(Kind.BYE, "bye", _HELLO, 0, 0, 0, self.rank,
-                                           meta={"reason": reason[:1000]} if reason else {}).pack(), zmq.NOBLOCK)
-                except zmq.ZMQError:
-                    pass
-        self._closing.set()
-        if self._io_thread is not None and self._ctrl_send is not None:
-            with self._wake_lock:
-                self._ctrl_send.send(b"stop")
-            self._io_thread.join(timeout=10)
-        self.mailbox.close(TransportClosed(f"rank {self.rank}: the commlayer transport was shut down"))
-        got_rx = self._rx_lock.acquire(timeout=2.0)  # let a thread inside _pump() leave the socket
-        try:
-            linger = int(self.config.linger * 1000)
-            for p in self._peers.values():
-                with p.lock:
-                    p.sock.close(linger=0 if p.state == "dead" else linger)
-            for p in self._peers.values():
-                if p.monitor is not None:
-                    p.monitor.close(linger=0)
-            with self._wake_lock:
-                for s in (self._ctrl_send, self._wake_send):
-                    if s is not None:
-                        s.close(linger=0)
-                self._wake_send = None
-            self._router.close(linger=0)
-            if self._auth is not None:
-                self._auth.stop()
-            self._ctx.term()
-        finally:
-            if got_rx:
-                self._rx_lock.release()
-        for p in self._peers.values():
-            if p.shm_out is not None:
-                p.shm_out.close()
-            if p.shm_in is not None:
-                p.shm_in.close()
-        if self._ipc_file:
-            try:
-                os.unlink(self._ipc_file)
-            except OSError:
-                pass
+                    "msgs_sent": x.msgs_sent, "msgs_recv": x.msgs_recv, "queued_bytes": x.queue.queued,
+                    "queue_peak_bytes": x.queue.peak, "queue_waits": x.queue.waits,
+                    "live_timeout_s": x.live.timeout(self.liveness) if x.live else None,
+                    "srtt_s": x.live.rtt.srtt if x.live else None} for p, x in self._peers.items()}
 
     @property
     def closed(self) -> bool:

@@ -17,6 +17,7 @@ from zmq.utils.monitor import recv_monitor_message
 
 from commlayer.transport import shm
 from commlayer.transport.errors import CommError, TransportClosed, WireError
+from commlayer.transport.liveness import LIVE_CHANNEL
 from commlayer.transport.mailbox import Message, timeout_error
 from commlayer.transport.security import user_id
 from commlayer.transport.wire import Header, Kind, check_frames, unpack_header
@@ -24,6 +25,7 @@ from commlayer.transport.wire import Header, Kind, check_frames, unpack_header
 logger = logging.getLogger("commlayer.transport.engine")
 
 DISCONNECT_GRACE = 0.25  # seconds a dropped connection may still deliver the peer's last data and goodbye
+LOCAL_GRACE = 0.02  # the same for a co-located peer (its data is already in this machine's socket buffers)
 
 
 class Receiver:
@@ -64,8 +66,9 @@ class Receiver:
                             return msg
                         if self._closing.is_set():
                             raise TransportClosed(f"{what}: the transport of rank {self.rank} is shut down")
-                        # With other threads waiting too, poll briefly so they get their turn.
-                        self._pump(min(remaining, 0.05 if self._rx_demand <= 1 else 0.001))
+                        # Short slices: a peer failure declared by the I/O thread is seen within 10 ms;
+                        # with other threads waiting too, poll briefly so they get their turn.
+                        self._pump(min(remaining, 0.01 if self._rx_demand <= 1 else 0.001))
                     finally:
                         self._rx_lock.release()
                 msg = mb.try_take(key, what)
@@ -103,8 +106,11 @@ class Receiver:
             if p.monitor is not None:
                 busy.register(p.monitor, zmq.POLLIN)
                 monitors[p.monitor] = p
+        pidfds = self._live_fds()
+        for fd in pidfds:
+            busy.register(fd, zmq.POLLIN)
         idle = zmq.Poller()
-        for sock in (ctrl, wake, *monitors):
+        for sock in (ctrl, wake, *monitors, *pidfds):
             idle.register(sock, zmq.POLLIN)
         idle.register(self._router, zmq.POLLIN)
         grace = 0.005  # the I/O thread reads the socket only after operations left it alone this long (bounds the
@@ -117,7 +123,7 @@ class Receiver:
                         try:
                             self._io_idle = True
                             if self._rx_demand == 0:
-                                events = dict(idle.poll(100 if any(p.suspect_since for p in self._peers.values()) else 1000))
+                                events = dict(idle.poll(10 if any(p.suspect_since for p in self._peers.values()) else 100))
                                 if self._router in events:
                                     self._pump(0)
                         finally:
@@ -128,7 +134,14 @@ class Receiver:
 
                 if ctrl in events:
                     break
+                for fd, p in pidfds.items():
+                    if fd in events:
+                        self._on_pidfd(p)
+                        busy.unregister(fd)
+                        idle.unregister(fd)
+                pidfds = {fd: p for fd, p in pidfds.items() if fd not in events}
                 self._check_suspects()
+                self._live_tick()
                 if wake in events:
                     while wake.poll(0):
                         wake.recv()
@@ -152,7 +165,9 @@ class Receiver:
             if "shm" in header.meta:
                 payload = self._shm_payload(header, payload)
             check_frames(header, payload)
-            if not (0 <= header.src < self.world_size) or ident != f"r{header.src}".encode() or header.src == self.rank:
+            live = header.channel == LIVE_CHANNEL and header.kind in (Kind.PING, Kind.PONG)
+            idents = (f"r{header.src}".encode(), f"c{header.src}".encode()) if live else (f"r{header.src}".encode(),)
+            if not (0 <= header.src < self.world_size) or header.src == self.rank or ident not in idents:
                 raise WireError(f"header claims src={header.src} but the connection identifies as {ident!r}")
             if self.curve is not None and self.curve.by_rank is not None:
                 uid = user_id(frames[1])
@@ -165,6 +180,10 @@ class Receiver:
                              self.rejected, exc if isinstance(exc, WireError) else f"{type(exc).__name__}: {exc}")
             return
         p = self._peers[header.src]
+        self._heard(p)
+        if live:
+            self._on_live(p, header)
+            return
         p.msgs_recv += 1
         p.bytes_recv += sum(header.nbytes)
         if header.kind == Kind.DATA or header.kind == Kind.HELLO:
@@ -223,8 +242,9 @@ class Receiver:
             elif event == zmq.EVENT_DISCONNECTED:
                 # The peer's last data and its goodbye travel on its own connection to us and may
                 # still be queued; give them DISCONNECT_GRACE seconds before declaring it dead.
-                if p.state == "connected" and not self._closing.is_set() and not p.suspect_since:
-                    p.suspect_since = time.monotonic()
+                if p.state == "connected" and not self._closing.is_set():
+                    self._suspect(p, LOCAL_GRACE if p.live is not None and p.live.local else DISCONNECT_GRACE,
+                                  f"its connection ({p.endpoint}) dropped without a goodbye: the process died or the network failed")
             elif event in (zmq.EVENT_HANDSHAKE_FAILED_AUTH, zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL):
                 why = ("it rejected this rank's key (different COMMLAYER_SECRET or key files?)"
                        if event == zmq.EVENT_HANDSHAKE_FAILED_AUTH else "the security handshake failed (encryption on one side only?)")
@@ -232,11 +252,17 @@ class Receiver:
                 p.state = "dead"
                 self.mailbox.peer_failed(p.rank, f"connection refused: {why}")
 
+    def _suspect(self, p: Any, grace: float, why: str) -> None:
+        """``p`` is dead in ``grace`` s unless its goodbye arrives first (its last messages may still be queued)."""
+        deadline = time.monotonic() + grace
+        if not p.suspect_since or deadline < p.suspect_since:
+            p.suspect_since, p.suspect_why = deadline, why
+
     def _check_suspects(self) -> None:
         now = time.monotonic()
         for p in self._peers.values():
-            if p.suspect_since and p.state == "connected" and now - p.suspect_since > DISCONNECT_GRACE:
-                self._peer_down(p.rank, f"its connection ({p.endpoint}) dropped without a goodbye: the process died or the network failed")
+            if p.suspect_since and p.state in ("connected", "connecting") and now >= p.suspect_since:
+                self._peer_down(p.rank, p.suspect_why)
 
     def _peer_down(self, peer: int, reason: str) -> None:
         p = self._peers[peer]
