@@ -47,6 +47,8 @@ class _Peer:
     state: str = "connecting"  # connecting | connected | left | dead
     suspect_since: float = 0.0  # deadline after which a dropped connection / exited process counts as dead (0 = none)
     suspect_why: str = ""
+    leaving: float = 0.0  # when its early goodbye (on the control connection) arrived
+    leave_why: str = ""
     ctrl: zmq.Socket | None = None  # control connection (heartbeats), see heartbeat.py
     ctrl_lock: threading.Lock = field(default_factory=threading.Lock)
     live: Any = None  # liveness.PeerLive

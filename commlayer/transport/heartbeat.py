@@ -119,6 +119,10 @@ class Heartbeats:
             if p.state != "connected" or p.msgs_recv == 0 or p.suspect_since or silence <= lv.timeout(cfg) or now < lv.next_exam:
                 continue
             lv.next_exam = now + EXAM_EVERY
+            if p.leaving:  # said goodbye and fell silent: gone once nothing more can arrive
+                if not self._still_delivering(p, now):
+                    self._peer_left(p, p.leave_why)
+                continue
             if view is None and not lv.local:
                 view = TcpView(self._listen_port, self._shared_hosts)
             if view is not None and not lv.local:
@@ -135,12 +139,27 @@ class Heartbeats:
                                self.rank, p.rank, silence, timeout,
                                "its process is running" if lv.local else "its host still acknowledges")
 
+    def _still_delivering(self, p: Any, now: float) -> bool:
+        """A peer that said goodbye on its control connection still has a TCP connection to this rank open
+        (its last data may be queued behind a slow link); bounded by the ceiling of the adaptive timeout."""
+        if p.live is None or p.live.local or now - p.leaving > self.liveness.ceiling:
+            return False
+        return bool(TcpView(self._listen_port, self._shared_hosts).connections(p.live.host, p.live.port))
+
+    def _say_goodbye_early(self, reason: str) -> None:
+        """BYE on every control connection: it does not wait behind queued data, so peers know this rank is
+        leaving (not failing) when its connections close before its data connection's own BYE arrives."""
+        for p in self._peers.values():
+            if p.state in ("connecting", "connected"):
+                self._send_live(p, Header(Kind.BYE, "bye", LIVE_CHANNEL, 0, 0, 0, self.rank,
+                                          meta={"reason": reason[:1000]} if reason else {}))
+
     def _live_close(self) -> None:
         """Closes control sockets and pidfds (after the I/O thread stopped)."""
         for p in self._peers.values():
             with p.ctrl_lock:
-                if p.ctrl is not None:
-                    p.ctrl.close(linger=0)
+                if p.ctrl is not None:  # linger: the early goodbye must leave
+                    p.ctrl.close(linger=0 if p.state == "dead" else int(self.config.linger * 1000))
                     p.ctrl = None
             if p.live is not None and p.live.pidfd is not None:
                 try:

@@ -166,7 +166,8 @@ class Receiver:
                 payload = self._shm_payload(header, payload)
             check_frames(header, payload)
             live = header.channel == LIVE_CHANNEL and header.kind in (Kind.PING, Kind.PONG)
-            idents = (f"r{header.src}".encode(), f"c{header.src}".encode()) if live else (f"r{header.src}".encode(),)
+            ctrl_ok = live or header.kind == Kind.BYE  # the control connection carries heartbeats and an early goodbye
+            idents = (f"r{header.src}".encode(), f"c{header.src}".encode()) if ctrl_ok else (f"r{header.src}".encode(),)
             if not (0 <= header.src < self.world_size) or header.src == self.rank or ident not in idents:
                 raise WireError(f"header claims src={header.src} but the connection identifies as {ident!r}")
             if self.curve is not None and self.curve.by_rank is not None:
@@ -184,6 +185,10 @@ class Receiver:
         if live:
             self._on_live(p, header)
             return
+        if ident[:1] == b"c":  # BYE ahead of the data still queued on its data connection: it is leaving
+            why = header.meta.get("reason")
+            p.leaving, p.leave_why = time.monotonic(), why if isinstance(why, str) else ""
+            return
         p.msgs_recv += 1
         p.bytes_recv += sum(header.nbytes)
         if header.kind == Kind.DATA or header.kind == Kind.HELLO:
@@ -194,12 +199,8 @@ class Receiver:
                 logger.error("rank %d: %s", self.rank, exc)
                 self._peer_down(header.src, f"protocol error: {exc}")
         elif header.kind == Kind.BYE:
-            p.state = "left"
             why = header.meta.get("reason")
-            self.mailbox.peer_failed(header.src, "it shut down its process group (destroy_process_group or exit) before sending"
-                                     + (f", after: {why}" if isinstance(why, str) and why else ""))
-            for cb in list(self._listeners):
-                cb(header.src, "left")
+            self._peer_left(p, why if isinstance(why, str) else "")
         elif header.kind == Kind.PING:
             try:
                 self.send(header.src, Header(Kind.PONG, "pong", header.channel, header.seq, 0, 0, self.rank, meta=header.meta), [])
@@ -258,11 +259,25 @@ class Receiver:
         if not p.suspect_since or deadline < p.suspect_since:
             p.suspect_since, p.suspect_why = deadline, why
 
+    def _peer_left(self, p: Any, why: str) -> None:
+        if p.state in ("left", "dead"):
+            return
+        p.state = "left"
+        self.mailbox.peer_failed(p.rank, "it shut down its process group (destroy_process_group or exit) before sending"
+                                 + (f", after: {why}" if why else ""))
+        for cb in list(self._listeners):
+            cb(p.rank, "left")
+
     def _check_suspects(self) -> None:
         now = time.monotonic()
         for p in self._peers.values():
             if p.suspect_since and p.state in ("connected", "connecting") and now >= p.suspect_since:
-                self._peer_down(p.rank, p.suspect_why)
+                if not p.leaving:
+                    self._peer_down(p.rank, p.suspect_why)
+                elif self._still_delivering(p, now):  # a leaving peer's data may trail its goodbye by seconds
+                    p.suspect_since = now + 0.2
+                else:
+                    self._peer_left(p, p.leave_why)
 
     def _peer_down(self, peer: int, reason: str) -> None:
         p = self._peers[peer]

@@ -29,6 +29,7 @@ class Shutdown:
             if self._closed:
                 return
             self._closed = True
+        self._say_goodbye_early(reason)
         for p in self._peers.values():
             if p.state in ("connecting", "connected"):
                 try:
