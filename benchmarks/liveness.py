@@ -81,7 +81,13 @@ def worker(backend: str, workload: str, sizes_mib: list[float], steps: int, time
     try:
         dist.barrier()
         print("READY", flush=True)
-        if workload == "allreduce":
+        if workload == "loop":  # small all_reduces until a peer fails (failure-detection runs)
+            t = torch.ones(1 << 14)
+            end = time.monotonic() + timeout_s
+            while time.monotonic() < end:
+                dist.all_reduce(t)
+                time.sleep(0.01)
+        elif workload == "allreduce":
             exact = True
             for mib in sizes_mib:
                 n = int(mib * (1 << 20)) // 4
@@ -111,7 +117,9 @@ def worker(backend: str, workload: str, sizes_mib: list[float], steps: int, time
             flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
             out["params"] = flat.tolist()
     except Exception as exc:  # a false death (or any other failure) is what this benchmark counts
+        out["t_err"] = time.monotonic()
         out["error"] = f"{type(exc).__name__}: {str(exc)[:400]}"
+        out["peer"] = getattr(exc, "peer", None)
     out["rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     try:
         dist.destroy_process_group()
@@ -122,38 +130,38 @@ def worker(backend: str, workload: str, sizes_mib: list[float], steps: int, time
 
 # ----------------------------------------------------------------------------------- one run
 
-def _world(cell: Cell) -> Any:
+def _world(cell: Cell, world: int = WORLD) -> Any:
     if cell.kind == "kernel":
         from commlayer.wan.kernel import AccessLink, KernelWorld
 
         p = cell.params
-        return KernelWorld([AccessLink(p["up"], p["down"], p["up_q"], p["down_q"])] * WORLD, prefix=PREFIX)
+        return KernelWorld([AccessLink(p["up"], p["down"], p["up_q"], p["down_q"])] * world, prefix=PREFIX)
     from commlayer.wan.matrix import uniform_matrix
     from commlayer.wan.netns import NetnsWorld
     from commlayer.wan.spec import LinkSpec
 
     p = cell.params
     spec = LinkSpec(delay_ms=p["delay"], rate_mbit=p["rate"], jitter_ms=p["jitter"], loss=p["loss"], queue_ms=500.0)
-    return NetnsWorld(uniform_matrix(cell.name, WORLD, spec), seed=int(time.time()), prefix=PREFIX)
+    return NetnsWorld(uniform_matrix(cell.name, world, spec), seed=int(time.time()), prefix=PREFIX)
 
 
-def _env(w: Any, rank: int) -> dict[str, str]:
+def _env(w: Any, rank: int, world: int) -> dict[str, str]:
     if hasattr(w, "env"):
         return w.env(rank)
     from commlayer.wan.world import NETNS_COMMLAYER_PORT, NETNS_MASTER_PORT, _torchrun_env
 
-    return {**_torchrun_env(rank, WORLD, w.addresses[0], NETNS_MASTER_PORT), "COMMLAYER_HOST": w.addresses[rank],
+    return {**_torchrun_env(rank, world, w.addresses[0], NETNS_MASTER_PORT), "COMMLAYER_HOST": w.addresses[rank],
             "COMMLAYER_PORT": str(NETNS_COMMLAYER_PORT), "GLOO_SOCKET_IFNAME": "wan0", "TP_SOCKET_IFNAME": "wan0"}
 
 
 def run_once(cell: Cell, backend: str, workload: str, sizes: list[float], steps: int, timeout_s: float,
-             extra_env: dict[str, str] | None = None) -> dict[str, Any]:
+             extra_env: dict[str, str] | None = None, world: int = WORLD) -> dict[str, Any]:
     """One run of ``workload`` with ``backend`` on a fresh world of ``cell``; per-rank results."""
     t_start = time.monotonic()
-    with _world(cell) as w:
+    with _world(cell, world) as w:
         procs = []
-        for r in range(WORLD):
-            env = {**os.environ, **_env(w, r), "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), **(extra_env or {})}
+        for r in range(world):
+            env = {**os.environ, **_env(w, r, world), "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), **(extra_env or {})}
             cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", backend, "--workloads", workload,
                    "--sizes", ",".join(f"{s:g}" for s in sizes), "--steps", str(steps), "--timeout", str(timeout_s)]
             procs.append(w.popen(r, cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
@@ -192,6 +200,61 @@ def run_once(cell: Cell, backend: str, workload: str, sizes: list[float], steps:
             "wall_s": time.monotonic() - t_start}
 
 
+def failure_once(kind: str, world: int = 3, victim: int = 2, timeout_s: float = 60.0) -> dict[str, Any]:
+    """A real failure of rank ``victim`` while every rank loops small all_reduces (zmq backend).
+
+    ``kind``: "local-kill" (SIGKILL, all ranks on this machine: ipc and shared memory), "remote-kill"
+    (SIGKILL, every rank in its own namespace: FIN/RST over TCP) or "cut" (the victim's link is
+    unplugged: no FIN, no RST). Detection is measured from the moment the victim is dead (its pidfd
+    became readable) or its link was cut, to each survivor's exception (``time.monotonic`` is
+    system-wide).
+    """
+    from commlayer.wan.kernel import AccessLink, KernelWorld
+
+    w = None if kind == "local-kill" else KernelWorld([AccessLink(100, 100, 50, 50)] * world, prefix=PREFIX)
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", "zmq", "--workloads", "loop", "--timeout", str(timeout_s)]
+    port = str(29700 + os.getpid() % 200)
+    procs = []
+    try:
+        for r in range(world):
+            env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+            env.update(w.env(r) if w is not None else {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "RANK": str(r),
+                                                      "WORLD_SIZE": str(world), "LOCAL_RANK": str(r)})
+            popen = w.popen if w is not None else (lambda _r, c, **kw: subprocess.Popen(c, **kw))
+            procs.append(popen(r, cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+        ready = [p.stdout.readline().strip() == "READY" for p in procs]
+        if not all(ready):
+            return {"kind": kind, "error": f"setup failed: {[p.stderr.read()[-500:] for p in procs if p.poll() is not None]}"}
+        time.sleep(1.0)
+        if kind == "cut":
+            w.cut(victim)
+            t_fail = time.monotonic()
+        else:
+            pidfd = os.pidfd_open(procs[victim].pid)
+            os.kill(procs[victim].pid, signal.SIGKILL)
+            import select
+
+            select.select([pidfd], [], [], 10.0)
+            t_fail = time.monotonic()
+            os.close(pidfd)
+        res = {}
+        for r, p in enumerate(procs):
+            if r == victim:
+                continue
+            so, _se = p.communicate(timeout=timeout_s + 30)
+            res[r] = next((json.loads(x) for x in so.splitlines() if x.startswith("{")), {"error": "no result"})
+        detect = {r: (v["t_err"] - t_fail if "t_err" in v else None) for r, v in res.items()}
+        named = all(v.get("error") and f"rank {victim}" in v["error"] for v in res.values())
+        return {"kind": kind, "detect_s": detect, "named": named, "errors": [v.get("error", "")[:300] for v in res.values()]}
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait(timeout=10)
+        if w is not None:
+            w.close()
+
+
 def _summary(runs: list[dict[str, Any]], ref: list[dict[str, Any]] | None) -> dict[str, Any]:
     deaths = sum(any(r["error"] for r in run["ranks"]) for run in runs)
     keys = sorted({k for run in runs for r in run["ranks"] for k in r["times"]})
@@ -223,6 +286,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=30, help="DDP steps")
     ap.add_argument("--timeout", type=float, default=300.0, help="process-group timeout, s")
     ap.add_argument("--json", default="", help="write every run's results here")
+    ap.add_argument("--failures", type=int, default=0, help="instead of the matrix: N runs of each real failure "
+                    "(local SIGKILL, remote SIGKILL, link cut); reports detection medians")
     ap.add_argument("--worker", default="", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     sizes = [float(s) for s in a.sizes.split(",") if s]
@@ -230,6 +295,20 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(worker(a.worker, a.workloads, sizes, a.steps, a.timeout)), flush=True)
         return 0
     print(f"# {platform.node()}: {os.cpu_count()} cores, load {os.getloadavg()[0]:.1f}, memcpy {_memcpy_gbs():.1f} GB/s")
+    if a.failures:
+        out: dict[str, Any] = {}
+        for kind in ("local-kill", "remote-kill", "cut"):
+            runs = [failure_once(kind) for _ in range(a.failures)]
+            for r in runs:
+                print(kind, json.dumps(r)[:400], flush=True)
+            d = [x for r in runs for x in (r.get("detect_s") or {}).values() if x is not None]
+            out[kind] = {"runs": runs, "median_detect_s": statistics.median(d) if d else None, "worst_detect_s": max(d, default=None),
+                         "named": sum(bool(r.get("named")) for r in runs)}
+            print(f"== {kind}: detection median {out[kind]['median_detect_s']}, worst {out[kind]['worst_detect_s']}, "
+                  f"error names the victim in {out[kind]['named']}/{len(runs)} runs", flush=True)
+        if a.json:
+            Path(a.json).write_text(json.dumps(out, indent=1))
+        return 0
     results: dict[str, Any] = {}
     for cname in a.cells.split(","):
         cell = CELLS[cname]

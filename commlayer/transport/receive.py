@@ -25,7 +25,8 @@ from commlayer.transport.wire import Header, Kind, check_frames, unpack_header
 logger = logging.getLogger("commlayer.transport.engine")
 
 DISCONNECT_GRACE = 0.25  # seconds a dropped connection may still deliver the peer's last data and goodbye
-LOCAL_GRACE = 0.02  # the same for a co-located peer (its data is already in this machine's socket buffers)
+LOCAL_GRACE = 0.005  # the same for a co-located peer: its data is already in this machine's socket buffers, and its
+# early goodbye (control connection) says whether it left; short, so survivors report before torchrun tears down
 
 
 class Receiver:
