@@ -219,3 +219,9 @@ class KernelWorld:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+
+def access_links(classes: Sequence[Any], down_queue_ms: float = 100.0) -> list[AccessLink]:
+    """Kernel-shaped access links for device classes (:class:`commlayer.wan.matrix.DeviceClass`):
+    their up/down rates and uplink buffer (``queue_ms``; 50 ms where a class sets none)."""
+    return [AccessLink(c.up_mbit, c.down_mbit, c.queue_ms or 50.0, down_queue_ms) for c in classes]
