@@ -29,7 +29,7 @@ ScatterOptions = dist.ScatterOptions
 
 Op = Union[dist.ReduceOp, "dist.ReduceOp.RedOpType"]
 Tensors = Union[torch.Tensor, Sequence[torch.Tensor]]
-O = TypeVar("O")
+OptT = TypeVar("OptT")
 
 
 def tensor_list(x: Tensors, method: str, what: str = "tensors") -> list[torch.Tensor]:
@@ -45,7 +45,7 @@ def _is_nested(x: object) -> bool:
     return isinstance(x, (list, tuple)) and len(x) > 0 and all(isinstance(e, (list, tuple)) for e in x)
 
 
-def _timed(opts: O, timeout: timedelta | None) -> O:
+def _timed(opts: OptT, timeout: timedelta | None) -> OptT:
     if timeout is not None:
         if not isinstance(timeout, timedelta):
             raise TypeError(f"expected the timeout as a datetime.timedelta, got {type(timeout).__name__}")
@@ -53,7 +53,7 @@ def _timed(opts: O, timeout: timedelta | None) -> O:
     return opts
 
 
-def _op_options(cls: type[O], method: str, op: object, timeout: timedelta | None) -> O:
+def _op_options(cls: type[OptT], method: str, op: object, timeout: timedelta | None) -> OptT:
     o = cls()
     if op is not None:
         if not isinstance(op, (dist.ReduceOp, dist.ReduceOp.RedOpType)):
@@ -62,7 +62,7 @@ def _op_options(cls: type[O], method: str, op: object, timeout: timedelta | None
     return _timed(o, timeout)
 
 
-def _root_options(cls: type[O], method: str, root: object, timeout: timedelta | None) -> O:
+def _root_options(cls: type[OptT], method: str, root: object, timeout: timedelta | None) -> OptT:
     if isinstance(root, bool) or not isinstance(root, int):
         raise TypeError(f"ProcessGroup.{method}: expected {cls.__name__} or an int root rank, got {type(root).__name__}")
     o = cls()
@@ -117,7 +117,7 @@ def scatter_lists(outputs: Tensors, inputs: Sequence[object], method: str) -> tu
     return outs, ([ins] if ins or isinstance(outputs, torch.Tensor) else [])
 
 
-def plain(cls: type[O], opts: O | None, timeout: timedelta | None, method: str) -> O:
+def plain(cls: type[OptT], opts: OptT | None, timeout: timedelta | None, method: str) -> OptT:
     """Options without an op or root: ``opts`` / ``timeout`` in its place / nothing."""
     if isinstance(opts, timedelta):
         opts, timeout = None, opts
@@ -126,14 +126,14 @@ def plain(cls: type[O], opts: O | None, timeout: timedelta | None, method: str) 
     return _timed(opts if opts is not None else cls(), timeout)
 
 
-def rooted(cls: type[O], opts: O | int | None, timeout: timedelta | None, method: str) -> O:
+def rooted(cls: type[OptT], opts: OptT | int | None, timeout: timedelta | None, method: str) -> OptT:
     """``opts`` / an int root (the short forms of gather and scatter)."""
     if opts is None or isinstance(opts, cls):
         return _timed(opts if opts is not None else cls(), timeout)
     return _root_options(cls, method, opts, timeout)
 
 
-def reduce_op_or(cls: type[O], opts: O | Op | None, timeout: timedelta | None, method: str) -> O:
+def reduce_op_or(cls: type[OptT], opts: OptT | Op | None, timeout: timedelta | None, method: str) -> OptT:
     """``opts`` / a ReduceOp (the short form of reduce_scatter)."""
     if isinstance(opts, cls):
         return _timed(opts, timeout)

@@ -44,7 +44,6 @@ import zmq.auth
 from zmq.auth.thread import ThreadAuthenticator
 from zmq.utils import z85
 
-from commlayer import settings
 
 logger = logging.getLogger(__name__)
 
