@@ -125,3 +125,68 @@ def test_launch_gloo_over_netns(tmp_path: Path, capsys: pytest.CaptureFixture[st
     assert "[rank 1] sum=3 addr=10.77.0.2" in out
     ms = [float(line.rsplit("allreduce_ms=", 1)[1]) for line in lines]
     assert min(ms) >= 0.9 * 25.0  # every all-reduce crosses the 25 ms one-way link at least once
+
+
+_SINK = textwrap.dedent('''
+    import socket, sys, threading
+    s = socket.create_server((sys.argv[1], 5000)); print("ready", flush=True)
+    def serve(c):
+        if c.recv(1) == b"P":
+            while (d := c.recv(64)):
+                c.sendall(d)
+            return
+        n = 0
+        while (d := c.recv(65536)):
+            n += len(d)
+        c.sendall(str(n).encode())
+    while True:
+        threading.Thread(target=serve, args=(s.accept()[0],), daemon=True).start()
+''')
+_SOURCE = textwrap.dedent('''
+    import json, socket, sys, time
+    host, mode, arg = sys.argv[1], sys.argv[2], float(sys.argv[3])
+    c = socket.create_connection((host, 5000)); c.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    if mode == "ping":
+        c.sendall(b"P"); out = []
+        for _ in range(int(arg)):
+            t = time.monotonic(); c.sendall(b"x" * 64); got = 0
+            while got < 64:
+                got += len(c.recv(64))
+            out.append(time.monotonic() - t); time.sleep(0.2)
+        print(json.dumps(out))
+    else:
+        c.sendall(b"B"); t = time.monotonic(); buf = b"x" * 65536
+        while time.monotonic() - t < arg:
+            c.sendall(buf)
+        c.shutdown(socket.SHUT_WR); n = int(c.recv(100))
+        print(json.dumps({"mbit": n * 8 / (time.monotonic() - t) / 1e6}))
+''')
+
+
+def test_kernel_shaped_links_are_asymmetric_and_bufferbloated() -> None:
+    """veth + tbf in a modem namespace: a 1 Mbit/s uplink with 3 s of queue (loss-based TCP fills it,
+    so a ping behind a bulk flow waits more than a second) and a 10 Mbit/s downlink."""
+    from commlayer.wan import AccessLink, KernelWorld, tc_unavailable_reason
+
+    if tc_unavailable_reason() is not None:
+        pytest.skip(str(tc_unavailable_reason()))
+    py = sys.executable
+    with KernelWorld([AccessLink(1, 10, 3000, 100), AccessLink(10, 10, 100, 100)], prefix="livew") as w:
+        srv = [w.popen(r, [py, "-c", _SINK, w.addresses[r]], stdout=subprocess.PIPE, text=True) for r in (0, 1)]
+        try:
+            assert all(s.stdout is not None and s.stdout.readline().strip() == "ready" for s in srv)
+            up = w.popen(0, [py, "-c", _SOURCE, w.addresses[1], "bulk", "9"], stdout=subprocess.PIPE, text=True)
+            import time as _t
+            _t.sleep(5.0)
+            loaded = json.loads(subprocess.run([*w.prefix(0), py, "-c", _SOURCE, w.addresses[1], "ping", "2"],
+                                               capture_output=True, text=True, timeout=60).stdout)
+            up_rate = json.loads(up.communicate(timeout=90)[0])["mbit"]
+            down_rate = json.loads(subprocess.run([*w.prefix(1), py, "-c", _SOURCE, w.addresses[0], "bulk", "4"],
+                                                  capture_output=True, text=True, timeout=60).stdout)["mbit"]
+        finally:
+            for s in srv:
+                s.kill()
+                s.wait(timeout=5)
+    assert 0.85 <= up_rate <= 1.0, up_rate  # TCP goodput of the 1 Mbit/s uplink
+    assert 8.0 <= down_rate <= 10.0, down_rate  # the 10 Mbit/s direction
+    assert max(loaded) > 1.0, loaded  # seconds of queue ahead of the ping: bufferbloat

@@ -155,3 +155,34 @@ def test_pipe_stream_loss_stalls() -> None:
     stalls = sum(r > 0.05 for r in rel)
     assert stalls == pipe.stalls and abs(stalls - 30) < 4 * math.sqrt(30)
     assert max(rel) == pytest.approx(0.02 + 1448 * 8 / pipe.rate_bytes_per_s(0) / 8 + 0.04, rel=0.01)
+
+
+def test_bufferbloat_profiles_carry_their_uplink_queue() -> None:
+    from commlayer.wan import DEVICE_CLASSES, access_links
+
+    m = profile_matrix("dsl-bufferbloat", 3)
+    spec = m.link(0, 1)
+    assert (spec.rate_mbit, spec.queue_ms) == (1.0, 3000.0)
+    assert spec.queue_s(spec.at(0.0)) == 3.0
+    home = profile_matrix("home-bufferbloat", 2)
+    assert home.link(0, 1).queue_ms == 1000.0 and home.link(1, 0).queue_ms == 500.0  # the sender's modem
+    links = access_links([DEVICE_CLASSES["dsl-bloated"], DEVICE_CLASSES["home-broadband"]])
+    assert (links[0].up_mbit, links[0].down_mbit, links[0].up_queue_ms) == (1.0, 10.0, 3000.0)
+    assert links[1].up_queue_ms == 50.0
+
+
+def test_bloated_packet_pipe_queues_seconds_before_dropping() -> None:
+    """A 1 Mbit/s pipe with 3 s of buffer holds a 3 s backlog (bufferbloat) and drops only beyond it."""
+    pipe = LinkPipe(LinkSpec(10.0, 1.0, queue_ms=3000.0), 0.0, 1, stream=False)
+    releases = [pipe.admit(1500, 0.0) for _ in range(400)]  # 400 x 1500 B = 4.8 s at 1 Mbit/s, all at once
+    kept = [r for r in releases if r is not None]
+    assert pipe.dropped_units > 0
+    assert 2.9 <= max(kept) - 0.01 <= 3.1 + 1500 * 8 / 1e6
+    assert len(kept) == pytest.approx(3.0 * 1e6 / 8 / 1500, abs=2)
+
+
+def test_access_link_validation() -> None:
+    from commlayer.wan import AccessLink
+
+    with pytest.raises(ValueError, match="up_mbit: expected a positive number, got 0"):
+        AccessLink(0, 10)

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from commlayer import settings
+from commlayer.transport.liveness import LivenessConfig
 
 
 def debug_detail() -> bool:
@@ -24,8 +25,9 @@ class TransportConfig:
         port: TCP port to listen on (0 = any free port). ``COMMLAYER_PORT``.
         ipc: use ``ipc://`` for peers on the same machine. ``COMMLAYER_IPC`` (1/0).
         timeout: default seconds for any wait (the process-group timeout).
-        heartbeat: seconds between ZMTP heartbeats; a silent peer is declared dead after
-            about two intervals. ``COMMLAYER_HEARTBEAT``.
+        heartbeat: seconds between heartbeats (on a separate control connection per peer).
+            ``COMMLAYER_HEARTBEAT``; with ``liveness`` it sets the adaptive silence timeout
+            (docs/reliability.md, "Liveness").
         linger: seconds to flush outgoing messages at shutdown. ``COMMLAYER_LINGER``.
         mailbox_bytes: bound on bytes buffered for operations not started yet. ``COMMLAYER_MAILBOX_BYTES``.
         mailbox_messages: bound on such messages. ``COMMLAYER_MAILBOX_MESSAGES``.
@@ -36,6 +38,10 @@ class TransportConfig:
         sockbuf: kernel socket buffer size in bytes (0 = the OS default). ``COMMLAYER_SOCKBUF``.
         shm_bytes: shared-memory ring per co-located peer (0 = off). ``COMMLAYER_SHM_BYTES``, ``COMMLAYER_SHM=0``.
         shm_min: payloads of at least this many bytes to a co-located peer go through shared memory.
+        liveness_floor: least adaptive silence timeout, s. ``COMMLAYER_LIVENESS_FLOOR``.
+        liveness_ceiling: largest adaptive silence timeout, s. ``COMMLAYER_LIVENESS_CEILING``.
+        send_queue_bytes: most payload bytes queued in ZeroMQ towards one peer before a send
+            waits (0 = unbounded). ``COMMLAYER_SEND_QUEUE_BYTES``.
     """
 
     port: int = 0
@@ -52,6 +58,10 @@ class TransportConfig:
     sockbuf: int = 0
     shm_bytes: int = 32 << 20
     shm_min: int = 64 * 1024
+    liveness_floor: float = 1.0
+    liveness_ceiling: float = 60.0
+    send_queue_bytes: int = 16 << 20
+    liveness: LivenessConfig = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if not 0 <= self.port < 65536:
@@ -61,6 +71,9 @@ class TransportConfig:
                 raise ValueError(f"{name}: expected a positive number of seconds, got {getattr(self, name)}")
         if self.linger < 0:
             raise ValueError(f"linger: expected >= 0 seconds, got {self.linger}")
+        if self.send_queue_bytes < 0:
+            raise ValueError(f"COMMLAYER_SEND_QUEUE_BYTES: expected >= 0, got {self.send_queue_bytes}")
+        object.__setattr__(self, "liveness", LivenessConfig(self.heartbeat, self.liveness_floor, self.liveness_ceiling))
 
     @classmethod
     def from_env(cls, timeout: float | None = None) -> "TransportConfig":
@@ -78,4 +91,7 @@ class TransportConfig:
             mailbox_message_bytes=g("COMMLAYER_MAILBOX_MESSAGE_BYTES"),
             sockbuf=g("COMMLAYER_SOCKBUF"),
             shm_bytes=g("COMMLAYER_SHM_BYTES") if g("COMMLAYER_SHM") else 0,
+            liveness_floor=g("COMMLAYER_LIVENESS_FLOOR"),
+            liveness_ceiling=g("COMMLAYER_LIVENESS_CEILING"),
+            send_queue_bytes=g("COMMLAYER_SEND_QUEUE_BYTES"),
         )

@@ -1,7 +1,13 @@
 """The ZeroMQ transport: one listening ROUTER per rank, one DEALER per peer, a background I/O thread.
 
-Callers write straight into a peer's DEALER (under a lock); one background thread reads, validates and
-delivers into the :class:`Mailbox`; peer failure (socket events, heartbeats) fails every wait on the peer.
+Outgoing messages are written by the calling thread straight into the peer's DEALER (guarded by
+a lock); ZeroMQ's own I/O thread does the socket work. Incoming messages are read by one
+background thread, validated, and delivered into the :class:`Mailbox`, where operations pick
+them up with timeouts. Peer failure is detected from socket events (disconnect), a pidfd per
+co-located peer and adaptive heartbeats on a separate, equally authenticated control connection
+(:mod:`commlayer.transport.heartbeat`), and fails every wait that needs the peer. Sends wait while
+too many bytes are queued towards a peer (:mod:`commlayer.transport.flow`); ``close()`` lives in
+:mod:`commlayer.transport.shutdown`.
 """
 
 from __future__ import annotations
@@ -21,8 +27,11 @@ from commlayer.transport.config import TransportConfig
 from commlayer.transport.endpoints import EndpointInfo, choose_host, connect_overrides, host_id, ipc_path
 from commlayer.transport.errors import CollectiveMismatch, CommError, CommTimeout, PeerFailure, TransportClosed
 from commlayer.transport.flush import Flush
+from commlayer.transport.flow import SendQueue
+from commlayer.transport.heartbeat import Heartbeats
 from commlayer.transport.mailbox import Limits, Mailbox, Message, P2PCallback
 from commlayer.transport.receive import Receiver
+from commlayer.transport.shutdown import Shutdown
 from commlayer.transport.security import Credentials, CurveKeys, keys_from_env, start_authenticator
 from commlayer.transport.sockets import MONITOR_EVENTS, Peer, dealer_socket, router_socket, send_frames
 from commlayer.transport.wire import Call, Header, Kind, with_sizes
@@ -31,10 +40,8 @@ Observer = Callable[[int, int, float], None]
 
 logger = logging.getLogger(__name__)
 
-_HELLO = "__hello__"
 
-
-class Transport(Receiver):
+class Transport(Receiver, Heartbeats, Shutdown):
     """Moves byte frames between the ranks of one job.
 
     Args:
@@ -81,6 +88,8 @@ class Transport(Receiver):
         self._closed = False
         self._close_lock = threading.Lock()
         self._ipc_file = ""
+        self._listen_port = 0
+        self._shared_hosts: set[str] = set()
         # Passive measurement observers (commlayer.adapt), called as observer(peer, nbytes, seconds):
         # receive: seconds the receiver waited for a message of nbytes; send: seconds spent queueing it.
         self.recv_observers: list[Observer] = []
@@ -104,6 +113,7 @@ class Transport(Receiver):
                    "set COMMLAYER_PORT to a free port or unset it to pick one" if exc.errno == zmq.EADDRINUSE
                    else "set COMMLAYER_HOST to an address of this machine")) from None
         tcp = self._router.getsockopt(zmq.LAST_ENDPOINT).decode()
+        self._listen_port = int(tcp.rsplit(":", 1)[1])
         ipc = ""
         if self.config.ipc:
             self._ipc_file = ipc_path(self.rank)
@@ -140,8 +150,11 @@ class Transport(Receiver):
             sock = dealer_socket(self._ctx, self.config, self.creds, self.rank, p, info.curve_public)
             monitor = sock.get_monitor_socket(MONITOR_EVENTS)
             sock.connect(ep)
-            self._peers[p] = Peer(p, ep, sock, monitor)
+            self._peers[p] = Peer(p, ep, sock, monitor, queue=SendQueue(self.config.send_queue_bytes))
             self._peers[p].shm_ok = ep == info.ipc and bool(self.config.shm_bytes) and shm.available()
+            self._live_peer(self._peers[p], info, ep)
+        hosts = [x.live.host for x in self._peers.values() if x.live.host]
+        self._shared_hosts = {h for h in hosts if hosts.count(h) > 1}
         ctrl_recv, self._ctrl_send = self._pair("ctrl")
         wake_recv, self._wake_send = self._pair("wake")
         self._io_thread = threading.Thread(target=self._io_loop, args=(ctrl_recv, wake_recv), name=f"commlayer-io-{self.rank}",
@@ -197,14 +210,20 @@ class Transport(Receiver):
                 frames = ()
         hdr = header.pack()
         t0 = time.monotonic()
+        big_bytes = sum(nb for nb in header.nbytes if nb >= self.config.copy_threshold) if frames else 0
+        if big_bytes:  # flow control: wait while too much is queued towards this peer
+            p.queue.admit(big_bytes, t0 + self.config.timeout, lambda: self._check_sendable(p, header),
+                          f"{header.op} #{header.seq}: sending to rank {peer}")
         with p.lock:
             try:
-                trackers = send_frames(p.sock, hdr, frames, self.config.copy_threshold, track)
+                trackers, last = send_frames(p.sock, hdr, frames, self.config.copy_threshold, track)
             except zmq.Again:
                 raise CommTimeout(f"{header.op} #{header.seq}: sending to rank {peer} blocked for {self.config.timeout:.0f} s "
                                   f"({self.config.hwm} messages queued); rank {peer} is not receiving") from None
             p.msgs_sent += 1
             p.bytes_sent += sum(header.nbytes)
+        if last is not None:
+            p.queue.add(last, big_bytes)
         if self.send_observers:
             el = time.monotonic() - t0
             for obs in list(self.send_observers):
@@ -282,66 +301,21 @@ class Transport(Receiver):
         if callback in self._listeners:
             self._listeners.remove(callback)
 
+    def _check_sendable(self, p: Peer, header: Header) -> None:
+        if self._closing.is_set():
+            raise TransportClosed(f"{header.op} #{header.seq}: the transport of rank {self.rank} is shut down")
+        if p.state in ("dead", "left"):
+            why = self.mailbox.failure_for("", p.rank)  # names the rank to blame (maybe not ``p``)
+            raise PeerFailure(f"{header.op} #{header.seq} in {header.channel!r}: cannot send to rank {p.rank}: "
+                              + (str(why) if why is not None else "it " + ("shut down" if p.state == "left" else "failed")),
+                              peer=getattr(why, "peer", p.rank))
+
     def peer_stats(self) -> dict[int, dict[str, Any]]:
         return {p: {"endpoint": x.endpoint, "state": x.state, "bytes_sent": x.bytes_sent, "bytes_recv": x.bytes_recv,
-                    "msgs_sent": x.msgs_sent, "msgs_recv": x.msgs_recv} for p, x in self._peers.items()}
-
-    # ---- I/O thread ---------------------------------------------------------------------------
-    def close(self, reason: str = "") -> None:
-        """Says goodbye to every peer (with ``reason``, which peers still waiting put in their error), flushes
-        (up to ``linger`` s), and frees sockets and threads."""
-        with self._close_lock:
-            if self._closed:
-                return
-            self._closed = True
-        for p in self._peers.values():
-            if p.state in ("connecting", "connected"):
-                try:
-                    with p.lock:
-                        meta: dict[str, Any] = {"reason": reason[:1000]} if reason else {}
-                        if self.first_failure is not None:
-                            meta["failed"] = self.first_failure
-                        p.sock.send(envelope.control(Kind.BYE, _HELLO, self.rank, meta=meta).pack(), zmq.NOBLOCK)
-                except zmq.ZMQError:
-                    pass
-        self._closing.set()
-        if self._io_thread is not None and self._ctrl_send is not None:
-            with self._wake_lock:
-                self._ctrl_send.send(b"stop")
-            self._io_thread.join(timeout=10)
-        self.mailbox.close(TransportClosed(f"rank {self.rank}: the commlayer transport was shut down"))
-        for hook in self._close_hooks:
-            try:
-                hook()
-            except Exception:  # pragma: no cover - best effort, the sockets must still close
-                logger.warning("rank %d: a close hook failed", self.rank, exc_info=True)
-        got_rx = self._rx_lock.acquire(timeout=2.0)  # let a thread inside _pump() leave the socket
-        try:
-            linger = int(self.config.linger * 1000)
-            for p in self._peers.values():
-                with p.lock:
-                    p.sock.close(linger=0 if p.state == "dead" else linger)
-            for p in self._peers.values():
-                if p.monitor is not None:
-                    p.monitor.close(linger=0)
-            with self._wake_lock:
-                for s in (self._ctrl_send, self._wake_send):
-                    if s is not None:
-                        s.close(linger=0)
-                self._wake_send = None
-            self._router.close(linger=0)
-            if self._auth is not None:
-                self._auth.stop()
-            self._ctx.term()
-        finally:
-            if got_rx:
-                self._rx_lock.release()
-        for p in self._peers.values():
-            if p.shm_out is not None:
-                p.shm_out.close()
-            if p.shm_in is not None:
-                p.shm_in.close()
-        self.release_ipc_path()
+                    "msgs_sent": x.msgs_sent, "msgs_recv": x.msgs_recv, "queued_bytes": x.queue.queued,
+                    "queue_peak_bytes": x.queue.peak, "queue_waits": x.queue.waits,
+                    "live_timeout_s": x.live.timeout(self.liveness) if x.live else None,
+                    "srtt_s": x.live.rtt.srtt if x.live else None} for p, x in self._peers.items()}
 
     @property
     def closed(self) -> bool:

@@ -17,6 +17,7 @@ from zmq.utils.monitor import recv_monitor_message
 
 from commlayer.transport import envelope, shm
 from commlayer.transport.errors import CollectiveMismatch, CommError, TransportClosed, WireError
+from commlayer.transport.liveness import LIVE_CHANNEL
 from commlayer.transport.mailbox import Message, timeout_error
 from commlayer.transport.security import user_id
 from commlayer.transport.wire import PART_BYTES, Header, Kind, check_frames, join_frames, unpack_header
@@ -24,6 +25,8 @@ from commlayer.transport.wire import PART_BYTES, Header, Kind, check_frames, joi
 logger = logging.getLogger("commlayer.transport.engine")
 
 DISCONNECT_GRACE = 0.25  # seconds a dropped connection may still deliver the peer's last data and goodbye
+LOCAL_GRACE = 0.005  # the same for a co-located peer: its data is already in this machine's socket buffers, and its
+# early goodbye (control connection) says whether it left; short, so survivors report before torchrun tears down
 
 
 class Receiver:
@@ -65,8 +68,9 @@ class Receiver:
                             return msg
                         if self._closing.is_set():
                             raise TransportClosed(f"{what}: the transport of rank {self.rank} is shut down")
-                        # With other threads waiting too, poll briefly so they get their turn.
-                        self._pump(min(remaining, 0.05 if self._rx_demand <= 1 else 0.001))
+                        # Short slices: a peer failure declared by the I/O thread is seen within 10 ms;
+                        # with other threads waiting too, poll briefly so they get their turn.
+                        self._pump(min(remaining, 0.01 if self._rx_demand <= 1 else 0.001))
                     finally:
                         self._rx_lock.release()
                 msg = mb.try_take(key, what)
@@ -104,8 +108,11 @@ class Receiver:
             if p.monitor is not None:
                 busy.register(p.monitor, zmq.POLLIN)
                 monitors[p.monitor] = p
+        pidfds = self._live_fds()
+        for fd in pidfds:
+            busy.register(fd, zmq.POLLIN)
         idle = zmq.Poller()
-        for sock in (ctrl, wake, *monitors):
+        for sock in (ctrl, wake, *monitors, *pidfds):
             idle.register(sock, zmq.POLLIN)
         idle.register(self._router, zmq.POLLIN)
         grace = 0.005  # the I/O thread reads the socket only after operations left it alone this long (bounds the
@@ -125,7 +132,7 @@ class Receiver:
                         try:
                             self._io_idle = True
                             if self._rx_demand == 0:
-                                events = dict(idle.poll(100 if any(p.suspect_since for p in self._peers.values()) else 1000))
+                                events = dict(idle.poll(10 if any(p.suspect_since for p in self._peers.values()) else 100))
                                 if self._router in events:
                                     self._pump(0)
                         finally:
@@ -136,7 +143,14 @@ class Receiver:
 
                 if ctrl in events:
                     break
+                for fd, p in pidfds.items():
+                    if fd in events:
+                        self._on_pidfd(p)
+                        busy.unregister(fd)
+                        idle.unregister(fd)
+                pidfds = {fd: p for fd, p in pidfds.items() if fd not in events}
                 self._check_suspects()
+                self._live_tick()
                 if wake in events:
                     while wake.poll(0):
                         wake.recv()
@@ -157,7 +171,10 @@ class Receiver:
                 raise WireError("expected an envelope and a header frame, got only the envelope")
             header = unpack_header(frames[1].buffer)
             # Identity first: nothing of an unauthenticated or misnamed sender is joined, mapped or buffered.
-            if not (0 <= header.src < self.world_size) or ident != f"r{header.src}".encode() or header.src == self.rank:
+            live = header.channel == LIVE_CHANNEL and header.kind in (Kind.PING, Kind.PONG)
+            ctrl_ok = live or header.kind == Kind.BYE  # the control connection carries heartbeats and an early goodbye
+            idents = (f"r{header.src}".encode(), f"c{header.src}".encode()) if ctrl_ok else (f"r{header.src}".encode(),)
+            if not (0 <= header.src < self.world_size) or header.src == self.rank or ident not in idents:
                 raise WireError(f"header claims src={header.src} but the connection identifies as {ident!r}")
             if not self.creds.accepts(header.src, user_id(frames[1])):
                 raise WireError(f"message claims src={header.src} but its connection authenticated as another peer "
@@ -175,6 +192,14 @@ class Receiver:
                              self.rejected, exc if isinstance(exc, WireError) else f"{type(exc).__name__}: {exc}")
             return
         p = self._peers[header.src]
+        self._heard(p)
+        if live:
+            self._on_live(p, header)
+            return
+        if ident[:1] == b"c":  # BYE ahead of the data still queued on its data connection: it is leaving
+            why = header.meta.get("reason")
+            p.leaving, p.leave_why, p.leave_failed = time.monotonic(), why if isinstance(why, str) else "", header.meta.get("failed")
+            return
         p.msgs_recv += 1
         p.bytes_recv += sum(header.nbytes)
         if header.kind in (Kind.DATA, Kind.HELLO, Kind.P2P):
@@ -185,23 +210,8 @@ class Receiver:
                 logger.error("rank %d: %s", self.rank, exc)
                 self._peer_down(header.src, f"protocol error: {exc}")
         elif header.kind == Kind.BYE:
-            p.state = "left"
             why = header.meta.get("reason")
-            failed = header.meta.get("failed")
-            culprit = failed if isinstance(failed, int) and not isinstance(failed, bool) and 0 <= failed < self.world_size \
-                and failed != header.src else header.src
-            if culprit == self.rank:
-                text = (f"rank {header.src} heard nothing from this rank for too long (was this process stopped, swapped out or "
-                        "starved?) and shut down")
-            elif culprit != header.src:
-                text = f"shut down after it found rank {culprit} failed"
-            else:
-                text = "it shut down its process group (destroy_process_group or exit) before sending"
-            if culprit != header.src and self.first_failure is None:
-                self.first_failure = culprit
-            self.mailbox.peer_failed(header.src, text + (f", after: {why}" if isinstance(why, str) and why else ""), culprit)
-            for cb in list(self._listeners):
-                cb(header.src, "left")
+            self._peer_left(p, why if isinstance(why, str) else "", header.meta.get("failed"))
         elif header.kind == Kind.PING:
             try:
                 self.send(header.src, envelope.control(Kind.PONG, header.channel, self.rank, seq=header.seq, meta=header.meta), [])
@@ -250,20 +260,15 @@ class Receiver:
             elif event == zmq.EVENT_DISCONNECTED:
                 # The peer's last data and its goodbye travel on its own connection to us and may
                 # still be queued; give them DISCONNECT_GRACE seconds before declaring it dead.
-                if p.state == "connected" and not self._closing.is_set() and not p.suspect_since:
-                    p.suspect_since = time.monotonic()
+                if p.state == "connected" and not self._closing.is_set():
+                    self._suspect(p, LOCAL_GRACE if p.live is not None and p.live.local else DISCONNECT_GRACE,
+                                  f"its connection ({p.endpoint}) dropped without a goodbye: the process died or the network failed")
             elif event in (zmq.EVENT_HANDSHAKE_FAILED_AUTH, zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL):
                 why = ("it rejected this rank's key (different COMMLAYER_SECRET or key files?)"
                        if event == zmq.EVENT_HANDSHAKE_FAILED_AUTH else "the security handshake failed (encryption on one side only?)")
                 logger.error("rank %d: connection to rank %d at %s refused: %s", self.rank, p.rank, p.endpoint, why)
                 p.state = "dead"
                 self.mailbox.peer_failed(p.rank, f"connection refused: {why}")
-
-    def _check_suspects(self) -> None:
-        now = time.monotonic()
-        for p in self._peers.values():
-            if p.suspect_since and p.state == "connected" and now - p.suspect_since > DISCONNECT_GRACE:
-                self._peer_down(p.rank, f"its connection ({p.endpoint}) dropped without a goodbye: the process died or the network failed")
 
     def _peer_down(self, peer: int, reason: str) -> None:
         p = self._peers[peer]

@@ -1,4 +1,8 @@
-"""Construction of the transport's ZeroMQ sockets: limits, heartbeats and security set in one place."""
+"""Construction of the transport's ZeroMQ sockets: limits and security set in one place.
+
+Liveness is judged by commlayer.transport.heartbeat (adaptive, on a control connection), not by ZMTP heartbeats,
+which would drop a connection whose heartbeat waits behind a full bottleneck queue.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +14,7 @@ import zmq
 
 from commlayer.transport.config import TransportConfig
 from commlayer.transport.errors import CommError
+from commlayer.transport.flow import SendQueue
 from commlayer.transport.security import Credentials, secure_dealer, secure_server
 from commlayer.transport.wire import MAX_HEADER_BYTES, PART_BYTES, split_frames
 
@@ -19,7 +24,7 @@ MONITOR_EVENTS = (zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED | zmq.EVENT_HANDS
 
 @dataclass
 class Peer:
-    """One peer of the transport: its DEALER, connection state and counters."""
+    """One peer of the transport: its DEALER and control DEALER, connection and liveness state, send queue, counters."""
 
     rank: int
     endpoint: str
@@ -27,7 +32,15 @@ class Peer:
     monitor: zmq.Socket | None
     lock: threading.Lock = field(default_factory=threading.Lock)
     state: str = "connecting"  # connecting | connected | left | dead
-    suspect_since: float = 0.0  # when its connection dropped (0 = not suspected)
+    suspect_since: float = 0.0  # deadline after which a dropped connection / exited process counts as dead (0 = none)
+    suspect_why: str = ""
+    leaving: float = 0.0  # when its early goodbye (on the control connection) arrived
+    leave_why: str = ""
+    leave_failed: Any = None  # the first failed rank its early goodbye named (None: none)
+    ctrl: zmq.Socket | None = None  # control connection (heartbeats), see heartbeat.py
+    ctrl_lock: threading.Lock = field(default_factory=threading.Lock)
+    live: Any = None  # liveness.PeerLive
+    queue: SendQueue = field(default_factory=lambda: SendQueue(0))  # flow control towards the peer (flow.py)
     shm_ok: bool = False  # co-located: large payloads may go through shared memory
     shm_out: Any = None  # shm.Producer towards the peer (made on the first large payload)
     shm_in: Any = None  # shm.Consumer of the peer's ring towards us (opened on first use)
@@ -35,13 +48,6 @@ class Peer:
     bytes_recv: int = 0
     msgs_sent: int = 0
     msgs_recv: int = 0
-
-
-def set_heartbeat(sock: zmq.Socket, config: TransportConfig) -> None:
-    ivl = max(1, int(config.heartbeat * 1000))
-    sock.setsockopt(zmq.HEARTBEAT_IVL, ivl)
-    sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, ivl)
-    sock.setsockopt(zmq.HEARTBEAT_TTL, 2 * ivl)
 
 
 def router_socket(ctx: zmq.Context, config: TransportConfig, creds: Credentials) -> zmq.Socket:
@@ -55,27 +61,26 @@ def router_socket(ctx: zmq.Context, config: TransportConfig, creds: Credentials)
     # stranger's declared size never makes this rank allocate more than that.
     # (The slack covers CurveZMQ's per-frame box overhead: an encrypted part is a few bytes longer.)
     sock.setsockopt(zmq.MAXMSGSIZE, max(PART_BYTES, MAX_HEADER_BYTES) + 4096)
-    set_heartbeat(sock, config)
     secure_server(sock, creds)
     return sock
 
 
 def dealer_socket(ctx: zmq.Context, config: TransportConfig, creds: Credentials, me: int, peer: int,
-                  published_key: str) -> zmq.Socket:
-    """The DEALER towards ``peer``, identified as ``r<me>`` and secured as ``peer``'s listener requires.
+                  published_key: str, ident: str = "r") -> zmq.Socket:
+    """The DEALER towards ``peer``, identified as ``<ident><me>`` (``r``: data, ``c``: control connection) and
+    secured as ``peer``'s listener requires (the same credentials for both connections).
 
     Raises:
         CommError: this rank cannot meet the peer's security (different secret, encryption on one side).
     """
     sock = ctx.socket(zmq.DEALER)
-    sock.setsockopt(zmq.ROUTING_ID, f"r{me}".encode())
+    sock.setsockopt(zmq.ROUTING_ID, f"{ident}{me}".encode())
     sock.setsockopt(zmq.SNDHWM, config.hwm)
     if config.sockbuf:
         sock.setsockopt(zmq.SNDBUF, config.sockbuf)
     sock.setsockopt(zmq.LINGER, int(config.linger * 1000))
     sock.setsockopt(zmq.SNDTIMEO, int(config.timeout * 1000))
     sock.setsockopt(zmq.RECONNECT_IVL, 100)
-    set_heartbeat(sock, config)
     try:
         secure_dealer(sock, creds, me, peer, published_key)
     except ConnectionRefusedError as exc:
@@ -83,9 +88,14 @@ def dealer_socket(ctx: zmq.Context, config: TransportConfig, creds: Credentials,
     return sock
 
 
-def send_frames(sock: zmq.Socket, header: bytes, frames: Sequence[Any], copy_threshold: int, track: bool) -> list[Any]:
+def send_frames(sock: zmq.Socket, header: bytes, frames: Sequence[Any], copy_threshold: int,
+                track: bool) -> tuple[list[Any], Any]:
     """Writes one message: the packed header, then the payloads cut into wire parts. Parts of at least
-    ``copy_threshold`` bytes go zero-copy; with ``track`` their trackers are returned. Caller holds the socket's lock.
+    ``copy_threshold`` bytes go zero-copy and tracked. Caller holds the socket's lock.
+
+    Returns:
+        (the trackers of the zero-copy parts when ``track``, else [];
+        the tracker of the last zero-copy part or None, for the flow control of :mod:`commlayer.transport.flow`).
 
     Raises:
         zmq.Again: the peer's queue stayed full for the socket's send timeout.
@@ -93,12 +103,15 @@ def send_frames(sock: zmq.Socket, header: bytes, frames: Sequence[Any], copy_thr
     parts = split_frames(frames, PART_BYTES)
     n = len(parts)
     trackers = []
+    last = None
     sock.send(header, zmq.SNDMORE if n else 0)
     for i, f in enumerate(parts):
         big = (len(f) if isinstance(f, (bytes, bytearray)) else memoryview(f).nbytes) >= copy_threshold
         flags = zmq.SNDMORE if i < n - 1 else 0
-        if big and track:
-            trackers.append(sock.send(f, flags, copy=False, track=True))
+        if big:
+            last = sock.send(f, flags, copy=False, track=True)
+            if track:
+                trackers.append(last)
         else:
-            sock.send(f, flags, copy=not big)
-    return trackers
+            sock.send(f, flags, copy=True)
+    return trackers, last

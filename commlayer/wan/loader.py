@@ -30,7 +30,7 @@ from commlayer.wan.profiles import DEVICE_CLASSES, PROFILES, profile_matrix
 from commlayer.wan.spec import LinkConfigError, LinkSpec, spec_from_dict
 
 _TOP_KEYS = {"name", "world_size", "profile", "devices", "device_classes", "core_delay_ms", "default", "links"}
-_CLASS_KEYS = {"up_mbit", "down_mbit", "access_delay_ms", "jitter_ms", "loss", "energy_nj_per_bit", "region"}
+_CLASS_KEYS = {"up_mbit", "down_mbit", "access_delay_ms", "jitter_ms", "loss", "energy_nj_per_bit", "region", "queue_ms"}
 
 
 def resolve_links(links: str | os.PathLike[str] | Mapping[str, Any] | LinkMatrix, world_size: int) -> LinkMatrix:

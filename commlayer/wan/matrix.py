@@ -22,6 +22,8 @@ class DeviceClass:
         loss: packet loss probability of this access link.
         energy_nj_per_bit: device energy per transmitted bit.
         region: region name for :data:`REGION_ONE_WAY_MS` core delays ("" = same region).
+        queue_ms: buffer of the uplink (the modem's queue), milliseconds at ``up_mbit``; links from
+            this device get it as their ``queue_ms`` (0 = automatic). Home uplinks often hold 0.5-3 s.
     """
 
     name: str
@@ -32,6 +34,7 @@ class DeviceClass:
     loss: float = 0.0
     energy_nj_per_bit: float = 0.0
     region: str = ""
+    queue_ms: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -115,7 +118,7 @@ def compose_link(src: DeviceClass, dst: DeviceClass, same_region_ms: float) -> L
     """Directed link src->dst through both access links and the core.
 
     rate = min(src up, dst down); delay = src access + core + dst access; jitters add in
-    quadrature; losses compound; energy is the sender's.
+    quadrature; losses compound; energy and the bottleneck buffer (``queue_ms``) are the sender's.
     """
     return LinkSpec(
         delay_ms=src.access_delay_ms + core_delay_ms(src, dst, same_region_ms) + dst.access_delay_ms,
@@ -123,6 +126,7 @@ def compose_link(src: DeviceClass, dst: DeviceClass, same_region_ms: float) -> L
         jitter_ms=math.hypot(src.jitter_ms, dst.jitter_ms),
         loss=1.0 - (1.0 - src.loss) * (1.0 - dst.loss),
         energy_nj_per_bit=src.energy_nj_per_bit,
+        queue_ms=src.queue_ms,
     )
 
 

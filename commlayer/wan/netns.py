@@ -80,6 +80,7 @@ class NetnsWorld:
         t0: ``time.monotonic()`` origin of the schedules (default: when the links come up).
         mtu: MTU of every ``wan0``.
         subnet: first two octets of the /16 the ranks live in.
+        prefix: start of the namespace and TUN device names (<= 6 characters).
 
     Attributes:
         names: namespace name per rank.
@@ -87,7 +88,7 @@ class NetnsWorld:
     """
 
     def __init__(self, links: LinkMatrix, seed: int = 0, t0: float | None = None, mtu: int = 1500,
-                 subnet: str = "10.77") -> None:
+                 subnet: str = "10.77", prefix: str = "clw") -> None:
         reason = netns_unavailable_reason()
         if reason is not None:
             raise PermissionError(reason)
@@ -96,9 +97,11 @@ class NetnsWorld:
             raise ValueError(f"too many ranks for one /16: {n}")
         self.links = links
         self.tag = secrets.token_hex(3)
-        self.names = [f"clw{self.tag}r{i}" for i in range(n)]
+        if len(prefix) > 6:
+            raise ValueError(f"prefix: expected at most 6 characters (device names are <= 15 bytes), got {prefix!r}")
+        self.names = [f"{prefix}{self.tag}r{i}" for i in range(n)]
         self.addresses = [rank_address(i, subnet) for i in range(n)]
-        self._tuns = [f"clw{self.tag}t{i}" for i in range(n)]
+        self._tuns = [f"{prefix}{self.tag}t{i}" for i in range(n)]
         self._created: list[str] = []
         self._fwd: ControlledChild | None = None
         self._closed = False

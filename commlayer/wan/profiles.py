@@ -34,6 +34,10 @@ DEVICE_CLASSES: dict[str, DeviceClass] = {
         DeviceClass("home-broadband", 20.0, 200.0, 8.0, 2.0, 5e-5, ENERGY_NJ_PER_BIT["wired"]),
         DeviceClass("wifi-edge", 10.0, 50.0, 12.0, 5.0, 1e-4, ENERGY_NJ_PER_BIT["wifi"]),
         DeviceClass("lte-phone", 8.0, 25.0, 25.0, 8.0, 1e-4, ENERGY_NJ_PER_BIT["lte"]),
+        # Bufferbloated home uplinks (docs/wan.md, "Bufferbloat"): modem queues of 1-3 s at the uplink rate.
+        DeviceClass("dsl-bloated", 1.0, 10.0, 15.0, 2.0, 1e-4, ENERGY_NJ_PER_BIT["wired"], queue_ms=3000.0),
+        DeviceClass("cable-bloated", 5.0, 50.0, 8.0, 2.0, 5e-5, ENERGY_NJ_PER_BIT["wired"], queue_ms=1000.0),
+        DeviceClass("lte-bloated", 5.0, 20.0, 25.0, 8.0, 1e-4, ENERGY_NJ_PER_BIT["lte"], queue_ms=500.0),
         DeviceClass("wan-20mbit-50ms", 20.0, 20.0, 12.5, 0.0, 0.0, ENERGY_NJ_PER_BIT["wired"]),
         DeviceClass("cloud-us-east", 100.0, 100.0, 0.5, 0.5, 0.0, ENERGY_NJ_PER_BIT["datacenter"], "us-east"),
         DeviceClass("cloud-eu-west", 100.0, 100.0, 0.5, 0.5, 0.0, ENERGY_NJ_PER_BIT["datacenter"], "eu-west"),
@@ -80,6 +84,10 @@ PROFILES: dict[str, Profile] = {
                 ("cloud-us-east", "cloud-eu-west", "cloud-ap-northeast", "cloud-ap-southeast"), 0.0),
         Profile("hetero", "mixed: fiber server, home broadband, Wi-Fi edge box, LTE phone (cycled)",
                 ("fiber-server", "home-broadband", "wifi-edge", "lte-phone"), 10.0),
+        Profile("dsl-bufferbloat", "DSL homes: 1 Mbit/s up / 10 down, 3 s of uplink buffer (bufferbloat)",
+                ("dsl-bloated",), 10.0),
+        Profile("home-bufferbloat", "cable homes and LTE phones with deep buffers: 5 Mbit/s up, 0.5-1 s of queue",
+                ("cable-bloated", "lte-bloated"), 10.0),
         Profile("wan-20mbit-50ms", "uniform 20 Mbit/s, 50 ms RTT (default benchmark profile)",
                 ("wan-20mbit-50ms",), 0.0),
     )
