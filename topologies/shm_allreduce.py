@@ -293,8 +293,13 @@ def _setup(comm: OpComm, cfg: ShmConfig) -> tuple[shm_region.Region | None, str,
         shm_region.unlink(path)  # every rank has mapped it (or failed): the name is no longer needed
     why = why or next((w for w in whys if w), "")
     go = region is not None and not why
-    for q in range(1, p):
-        comm.send(q, 2, [], meta={"shm_setup": 2, "go": go, "why": why})
+    try:
+        for q in range(1, p):
+            comm.send(q, 2, [], meta={"shm_setup": 2, "go": go, "why": why})
+    except BaseException:  # a peer failed during the set-up: the region must not outlive it
+        if region is not None:
+            region.close()
+        raise
     if not go and region is not None:
         region.close()
         region = None

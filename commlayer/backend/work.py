@@ -44,6 +44,7 @@ class ZmqWork(dist._Work):
         self._fut: torch.futures.Future | None = None
         self._source: int = -1
         self._lock = threading.Lock()
+        self._done = False  # decided under the lock; the event is set only after the future is complete
         # Set for operations without a deadline of their own (point-to-point receives): called when a
         # wait gives up, it withdraws the operation (returns False if it completed meanwhile).
         self.on_timeout: Callable[[], bool] | None = None
@@ -51,26 +52,28 @@ class ZmqWork(dist._Work):
     # ---- completion (called by the executor or the I/O thread) ------------------------------
     def set_done(self, outputs: list[torch.Tensor] | None = None) -> None:
         with self._lock:
-            if self._event.is_set():
+            if self._done:
                 return
+            self._done = True
             if outputs is not None:
                 self._outputs = outputs
-            self._event.set()
             raw = self._raw
         if raw is not None:
             raw.set_result(self._outputs)
+        self._event.set()  # last: whoever returns from wait() finds get_future() already complete
 
     def set_error(self, error: BaseException) -> None:
         if not str(error).startswith(self._what):
             error = rewrap(error, f"{self._what}: {error}")
         with self._lock:
-            if self._event.is_set():
+            if self._done:
                 return
+            self._done = True
             self._error = error
-            self._event.set()
             raw = self._raw
         if raw is not None:
             raw.set_result(error)
+        self._event.set()
 
     # ---- torch API ------------------------------------------------------------------------
     def wait(self, timeout: timedelta | None = None) -> bool:
@@ -99,7 +102,7 @@ class ZmqWork(dist._Work):
             if self._fut is None:
                 self._raw = torch.futures.Future()
                 self._fut = self._raw.then(_unwrap)
-                done = self._event.is_set()
+                done = self._done
             else:
                 return self._fut
         if done:  # completed before anyone asked: complete the new future now

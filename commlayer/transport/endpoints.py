@@ -29,6 +29,8 @@ class EndpointInfo:
         pid: process id (for messages).
         nonce: random per-process id; distinguishes a restarted peer from the old one.
         curve_public: this rank's CURVE public key (z85), "" when encryption is off.
+        routed: this rank reaches some peers through COMMLAYER_CONNECT_OVERRIDES (a tunnel or proxy), so its
+            goodbye may trail its exit: peers do not treat its death as instantly visible even on one machine.
     """
 
     rank: int
@@ -38,6 +40,7 @@ class EndpointInfo:
     pid: int
     nonce: str
     curve_public: str = ""
+    routed: bool = False
 
     def to_json(self) -> bytes:
         return json.dumps(asdict(self)).encode()
@@ -47,7 +50,7 @@ class EndpointInfo:
         try:
             d: dict[str, Any] = json.loads(data)
             return cls(int(d["rank"]), str(d["tcp"]), str(d["ipc"]), str(d["host_id"]), int(d["pid"]), str(d["nonce"]),
-                       str(d.get("curve_public", "")))
+                       str(d.get("curve_public", "")), bool(d.get("routed", False)))
         except Exception as exc:
             raise RuntimeError(f"rank {peer} published an unreadable endpoint record {data!r} ({exc}); "
                                "are all ranks running the same commlayer version?") from None

@@ -129,7 +129,7 @@ class Transport(Receiver, Heartbeats, Shutdown):
                            " and anyone who can reach this port can inject them. Set COMMLAYER_SECRET (same value on every "
                            "rank) or start the ranks through a rendezvous store (torchrun) to authenticate peers")
         pub = self.curve.public.decode() if self.curve is not None else ""
-        self.endpoint = EndpointInfo(self.rank, tcp, ipc, host_id(), os.getpid(), self.nonce, pub)
+        self.endpoint = EndpointInfo(self.rank, tcp, ipc, host_id(), os.getpid(), self.nonce, pub, bool(connect_overrides()))
         return self.endpoint
 
     def connect(self, endpoints: dict[int, EndpointInfo]) -> None:

@@ -54,7 +54,9 @@ class Heartbeats(TransportState):
         ctrl.connect(ep)
         p.ctrl = ctrl
         p.ctrl_lock = threading.Lock()
-        local = self.endpoint is not None and info.host_id == self.endpoint.host_id
+        # Co-located and direct both ways: its exit is seen through a pidfd and its last data is already here.
+        direct = ep in (info.ipc, info.tcp) and not info.routed and not (self.endpoint is not None and self.endpoint.routed)
+        local = self.endpoint is not None and info.host_id == self.endpoint.host_id and direct
         host, port = _host_port(ep)
         now = time.monotonic()
         p.live = PeerLive(local, info.pid, host, port, now, open_pidfd(info.pid) if local else None)
@@ -176,9 +178,14 @@ class Heartbeats(TransportState):
                     self._peer_left(p, p.leave_why, p.leave_failed)
 
     def _still_delivering(self, p: Any, now: float) -> bool:
-        """A peer that said goodbye on its control connection still has a TCP connection to this rank open
-        (its last data may be queued behind a slow link); bounded by the ceiling of the adaptive timeout."""
-        if p.live is None or p.live.local or now - p.leaving > self.liveness.ceiling:
+        """A peer that said goodbye on its control connection has not delivered every message its goodbye counted,
+        or still has a TCP connection to this rank open (its last data may be queued behind a slow link); bounded by
+        the ceiling of the adaptive timeout."""
+        if now - p.leaving > self.liveness.ceiling:
+            return False
+        if p.msgs_recv < p.leave_sent:  # it said how many messages it sent us: some are still on their way
+            return True
+        if p.live is None or p.live.local:
             return False
         return bool(TcpView(self._listen_port, self._shared_hosts).connections(p.live.host, p.live.port))
 
@@ -187,7 +194,7 @@ class Heartbeats(TransportState):
         know this rank is leaving (not failing) when its connections close before its data connection's own BYE."""
         for p in self._peers.values():
             if p.state in ("connecting", "connected"):
-                self._send_live(p, envelope.control(Kind.BYE, LIVE_CHANNEL, self.rank, meta=meta))
+                self._send_live(p, envelope.control(Kind.BYE, LIVE_CHANNEL, self.rank, meta={**meta, "sent": p.msgs_sent}))
 
     def _live_close(self) -> None:
         """Closes control sockets and pidfds (after the I/O thread stopped)."""

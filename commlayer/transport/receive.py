@@ -199,6 +199,8 @@ class Receiver:
         if ident[:1] == b"c":  # BYE ahead of the data still queued on its data connection: it is leaving
             why = header.meta.get("reason")
             p.leaving, p.leave_why, p.leave_failed = time.monotonic(), why if isinstance(why, str) else "", header.meta.get("failed")
+            sent = header.meta.get("sent")
+            p.leave_sent = sent if isinstance(sent, int) and not isinstance(sent, bool) else -1
             return
         p.msgs_recv += 1
         p.bytes_recv += sum(header.nbytes)

@@ -37,6 +37,7 @@ class Peer:
     leaving: float = 0.0  # when its early goodbye (on the control connection) arrived
     leave_why: str = ""
     leave_failed: Any = None  # the first failed rank its early goodbye named (None: none)
+    leave_sent: int = -1  # data messages it had sent to this rank when it said goodbye (-1: not said)
     ctrl: zmq.Socket | None = None  # control connection (heartbeats), see heartbeat.py
     ctrl_lock: threading.Lock = field(default_factory=threading.Lock)
     live: Any = None  # liveness.PeerLive
