@@ -28,6 +28,8 @@ from commlayer.transport.tcpinfo import TcpView
 
 #: Least margin for a heartbeat's delivery (Linux's minimum TCP RTO), seconds.
 MIN_RTO = 0.2
+#: Retransmission timeouts in a row, without any acknowledgement, that make a silent remote peer dead.
+SILENT_RTOS = 3
 #: Channel of the transport's own heartbeats (never delivered to operations).
 LIVE_CHANNEL = "__live__"
 
@@ -158,8 +160,12 @@ def verdict(live: PeerLive, silence: float, timeout: float, tcp: TcpView | None)
     if not conns:
         return None  # nothing to judge by: a dropped connection is reported by its own event
     heard = min(min(c.last_data_recv, c.last_ack_recv) for c in conns)
-    retrying = any(c.retransmits or c.probes for c in conns)
-    if heard > timeout and retrying:
+    # A bloated or lossy link drops segments and delays acknowledgements by seconds, so one expired
+    # retransmission timer is routine; a dead host or a cut cable leaves the kernel backing off with
+    # nothing answered: SILENT_RTOS expiries in a row (>= 0.2 + 0.4 + 0.8 s, growing with the link's RTO).
+    retrying = max(max(c.retransmits, c.probes) for c in conns)
+    if heard > timeout and retrying >= SILENT_RTOS:
         return (f"no message, byte or TCP acknowledgement from it for {min(silence, heard):.1f} s while this rank "
-                f"retransmits to it (adaptive timeout {timeout:.1f} s): its host or the network failed")
+                f"retransmits to it unanswered {retrying} times in a row (adaptive timeout {timeout:.1f} s): its host "
+                "or the network failed")
     return None
