@@ -189,3 +189,46 @@ def test_fingerprint_travels_in_the_header() -> None:
     assert (p.kind, p.tag, p.seq) == (Kind.P2P, 42, 0)
     assert call.differs(Call(root=0, count=262144, dtype="float32", redop="sum"))
     assert not call.differs(Call(root=1, count=262144, dtype="float32", redop="sum"))  # shapes only when both have them
+
+
+EMPTY_KINDS = ("allreduce", "allgather", "all_gather_into_tensor", "reduce_scatter_tensor", "broadcast")
+
+
+def _empty_call(kind: str, n: int, world: int, group: Any) -> None:
+    if kind == "allreduce":
+        dist.all_reduce(torch.ones(n), group=group)
+    elif kind == "allgather":
+        dist.all_gather([torch.ones(n) for _ in range(world)], torch.ones(n), group=group)
+    elif kind == "all_gather_into_tensor":
+        dist.all_gather_into_tensor(torch.ones(n * world), torch.ones(n), group=group)
+    elif kind == "reduce_scatter_tensor":
+        dist.reduce_scatter_tensor(torch.ones(n), torch.ones(n * world), group=group)
+    else:
+        dist.broadcast(torch.ones(n), src=1, group=group)
+
+
+def _empty_worker(rank: int, world: int) -> dict[str, str]:
+    dist.init_process_group("zmq", rank=rank, world_size=world, timeout=timedelta(seconds=30))
+    out: dict[str, str] = {}
+    try:
+        for kind in EMPTY_KINDS:
+            group = dist.new_group(backend="zmq")
+            try:
+                _empty_call(kind, 0 if rank == 0 else 4, world, group)  # rank 0 alone passes an empty tensor
+                out[kind] = "returned"
+            except Exception as exc:
+                out[kind] = type(exc).__name__
+            _empty_call(kind, 0, world, dist.new_group(backend="zmq"))  # everyone empty: a valid call
+            out[kind + "/all-empty"] = "returned"
+    finally:
+        dist.destroy_process_group()
+    return out
+
+
+def test_an_empty_tensor_on_one_rank_is_a_mismatch_on_every_rank() -> None:
+    """A rank whose tensor is empty exchanges no data, so without its fingerprint it would return at once,
+    "successful", while the others called with 4 elements; an all-empty call still completes."""
+    for rank, res in enumerate(run_world(_empty_worker, 3, timeout=180)):
+        for kind in EMPTY_KINDS:
+            assert res[kind] == "CollectiveMismatch", (rank, kind, res)
+            assert res[kind + "/all-empty"] == "returned", (rank, kind, res)

@@ -36,6 +36,7 @@ def chain_allreduce(comm: OpComm, flat: torch.Tensor, op: ReduceOp, order: Seque
     """All-reduces the 1-D contiguous ``flat`` in place (AVG is left as a SUM; the caller divides)."""
     p = comm.size
     if p == 1 or flat.numel() == 0:
+        comm.finish()  # an empty call exchanges only fingerprints (see OpComm.declare)
         return
     path = _path(p, order)
     pos = path.index(comm.rank)

@@ -145,7 +145,8 @@ class OpComm:
             dtype: element type of the call.
             redop: the reduction (a ReduceOp or its name).
             confirm: every rank sends its fingerprint to every other and :meth:`finish` waits for theirs
-                (for collectives in which some rank would otherwise never hear from some other).
+                (for collectives in which some rank would otherwise never hear from some other); always on
+                for an empty call (``count == 0``).
 
         Raises:
             CollectiveMismatch: a message of this call that already arrived disagrees.
@@ -153,6 +154,8 @@ class OpComm:
         st = self._state
         if st.call is not None:
             return
+        # A rank with nothing to send would otherwise return at once, successful, whatever the others called.
+        confirm = confirm or count == 0
         name = getattr(redop, "name", redop)
         st.call = Call(int(root), int(count), wire_dtype(dtype) if dtype is not None else "", str(name).lower(), self.shapes)
         self._t.expect(self.group.channel, self.seq, self.op, st.call, self.group.ranks)

@@ -33,6 +33,7 @@ def ps_allreduce(comm: OpComm, flat: torch.Tensor, op: ReduceOp, servers: int | 
     p, me, n = comm.size, comm.rank, flat.numel()
     comm.declare(count=n, dtype=flat.dtype, redop=op)
     if p == 1 or n == 0:
+        comm.finish()  # an empty call exchanges only fingerprints (see OpComm.declare)
         return
     s_count = min(p, servers or default_servers(p))
     bounds = even_bounds(n, s_count)

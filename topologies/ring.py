@@ -97,6 +97,7 @@ def ring_allreduce(comm: OpComm, flat: torch.Tensor, op: ReduceOp, order: Sequen
                    chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> None:
     """All-reduces the 1-D contiguous ``flat`` in place (AVG is left as a SUM; the caller divides)."""
     if comm.size == 1 or flat.numel() == 0:
+        comm.finish()  # an empty call exchanges only fingerprints (see OpComm.declare)
         return
     ring = _Ring(comm, flat, even_bounds(flat.numel(), comm.size), order, chunk_bytes)
     ring.reduce_scatter(op, then_allgather=True)
