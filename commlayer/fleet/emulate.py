@@ -60,23 +60,30 @@ class LocalFleet:
     args: Sequence[str] = ()
     job: str = "fleet"
     prefix: Sequence[str] = ()
+    store_addr: str = ""  # an external store (a hub in a network namespace); "" = host one here
     devices: dict[str, Device] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        self.port = free_port()
-        self.store = connect_store(f"127.0.0.1:{self.port}", 60.0, master=True)
+        if self.store_addr:
+            self.port = int(self.store_addr.rpartition(":")[2])
+            self.store = connect_store(self.store_addr, 60.0)
+        else:
+            self.port = free_port()
+            self.store_addr = f"127.0.0.1:{self.port}"
+            self.store = connect_store(self.store_addr, 60.0, master=True)
         self.keys = Keys(f"commlayer/fleet/{self.job}")
         self.workdir.mkdir(parents=True, exist_ok=True)
 
     @property
     def addr(self) -> str:
-        return f"127.0.0.1:{self.port}"
+        return self.store_addr
 
-    def spawn(self, name: str, extra: Sequence[str] = (), store_addr: str = "", standby: bool = False) -> Device:
+    def spawn(self, name: str, extra: Sequence[str] = (), store_addr: str = "", standby: bool = False,
+              prefix: Sequence[str] | None = None) -> Device:
         """Starts device ``name`` (its own session, so it can be signalled alone); ``standby``: it boots and waits
         for :meth:`go` (so a join happens at a chosen round, not after the seconds an import of torch takes)."""
         log = self.workdir / f"{name}.log"
-        cmd = [*self.prefix, sys.executable, "-m", "commlayer.fleet.worker", "--store", store_addr or self.addr,
+        cmd = [*(self.prefix if prefix is None else prefix), sys.executable, "-m", "commlayer.fleet.worker", "--store", store_addr or self.addr,
                "--job", self.job, "--name", name, *self.args, *extra, *(["--wait-go"] if standby else [])]
         env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
         with open(log, "wb") as f:

@@ -156,8 +156,9 @@ class FleetPeer:
                 for how, ep in (("direct", rec.get("state", "")), ("relay", rec.get("relay_front", ""))):
                     if not ep:
                         continue
-                    try:
-                        state = fetch_from(ep, pid, rec["public"], job_key, partial, stall=max(2.0, 4 * self.cfg.dead_after))
+                    stall = 2.0 if how == "direct" and rec.get("relay_front") else max(2.0, 4 * self.cfg.dead_after)
+                    try:  # a direct dial that gets no answer in 2 s falls back to the peer's relay
+                        state = fetch_from(ep, pid, rec["public"], job_key, partial, stall=stall)
                     except FetchFailed as exc:
                         tried.append(f"peer {pid} {how} {ep}: {exc}")
                         logger.info("fleet peer %d: state fetch from peer %d (%s) failed: %s", self.id, pid, how, exc)

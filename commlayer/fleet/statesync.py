@@ -73,6 +73,8 @@ class StateServer:
         if host:
             port = self._sock.bind_to_random_port(f"tcp://{host}")
             self.endpoint = f"tcp://{host}:{port}"
+        if connect:  # a relay holds the dialled connection idle until a client arrives: no handshake timeout
+            self._sock.setsockopt(zmq.HANDSHAKE_IVL, 0)
         for ep in connect:
             self._sock.connect(ep)
         self.public = pub.decode()
