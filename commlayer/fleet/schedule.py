@@ -69,7 +69,7 @@ def run(s: Schedule, workdir: Path, timeout: float = 1800.0) -> Outcome:
         nxt = s.devices
         if s.churn_every:
             fleet.spawn(f"dev{nxt}", ["--step-sleep", str(s.step_sleep)], standby=True)
-        for r in range(s.churn_every, s.rounds, s.churn_every or s.rounds):
+        for r in range(s.churn_every, s.rounds, s.churn_every) if s.churn_every else ():
             fleet.wait_round(r, timeout)
             victim, how = fleet.churn(rng, f"dev{nxt}", exclude=[f"dev{i}" for i in range(s.slow)])
             out.events.append({"round": r, "left": victim, "how": how, "joined": f"dev{nxt}"})
