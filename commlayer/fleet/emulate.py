@@ -150,6 +150,11 @@ class LocalFleet:
 
     def churn(self, rng: random.Random, joiner: str, exclude: Sequence[str] = ()) -> tuple[str, str]:
         """One churn event: a random running active device leaves (clean or SIGKILL, by coin) and standby ``joiner`` joins."""
+        deadline = time.monotonic() + 300
+        while not any(e.get("event") == "standby" for e in self.devices[joiner].events()):  # booted, ready to join
+            if time.monotonic() > deadline or self.devices[joiner].proc.poll() is not None:
+                raise TimeoutError(f"fleet: standby device {joiner} did not boot; {self.describe()}")
+            time.sleep(0.05)
         victim = rng.choice(sorted(n for n in self.running() if n not in exclude and self.active(n)))
         how = rng.choice(["left", "killed"])
         (self.leave if how == "left" else self.kill)(victim)

@@ -26,6 +26,7 @@ logger = logging.getLogger(__name__)
 class _Seen:
     count: int
     since: float  # observer's monotonic time of the count's last change
+    moved: bool = False  # the count changed while this observer watched (proof of life, not just a record)
 
 
 class Heartbeat:
@@ -115,6 +116,11 @@ class Roster:
             n = int(c)
             seen = self._seen.get(i)
             if seen is None or seen.count != n:
-                self._seen[i] = seen = _Seen(n, now)
+                self._seen[i] = seen = _Seen(n, now, seen is not None)
             out[i] = not infos.get(i, {}).get("left") and now - seen.since < self.dead_after
         return out
+
+    def confirmed(self, pid: int) -> bool:
+        """``pid``'s heartbeat moved while this observer watched (a peer dead before it looked never is)."""
+        seen = self._seen.get(pid)
+        return seen is not None and seen.moved

@@ -151,7 +151,8 @@ class FleetPeer:
             self.roster.refresh()
             infos = self.roster.infos()
             live = self.roster.live(infos)
-            for pid in sorted((i for i in infos if i != self.id and live[i] and infos[i]["active"]), reverse=True):
+            ready = [i for i in infos if i != self.id and live[i] and infos[i]["active"] and self.roster.confirmed(i)]
+            for pid in sorted(ready, reverse=True):  # newest first: the most likely to stay
                 rec = self.roster.records[pid]
                 for how, ep in (("direct", rec.get("state", "")), ("relay", rec.get("relay_front", ""))):
                     if not ep:

@@ -67,16 +67,20 @@ def run(s: Schedule, workdir: Path, timeout: float = 1800.0) -> Outcome:
             sleep = s.step_sleep * (s.slow_factor if i < s.slow else 1.0)
             fleet.spawn(f"dev{i}", ["--step-sleep", str(sleep)])
         nxt = s.devices
-        if s.churn_every:
-            fleet.spawn(f"dev{nxt}", ["--step-sleep", str(s.step_sleep)], standby=True)
+        pool = [f"dev{nxt + k}" for k in range(2 if s.churn_every else 0)]  # booted standbys, two ahead
+        for name in pool:
+            fleet.spawn(name, ["--step-sleep", str(s.step_sleep)], standby=True)
+        nxt += len(pool)
         for r in range(s.churn_every, s.rounds, s.churn_every) if s.churn_every else ():
             fleet.wait_round(r, timeout)
-            victim, how = fleet.churn(rng, f"dev{nxt}", exclude=[f"dev{i}" for i in range(s.slow)])
-            out.events.append({"round": r, "left": victim, "how": how, "joined": f"dev{nxt}"})
+            joiner = pool.pop(0)
+            victim, how = fleet.churn(rng, joiner, exclude=[f"dev{i}" for i in range(s.slow)])
+            out.events.append({"round": fleet.latest(), "left": victim, "how": how, "joined": joiner})
+            pool.append(f"dev{nxt}")
+            fleet.spawn(pool[-1], ["--step-sleep", str(s.step_sleep)], standby=True)
             nxt += 1
-            fleet.spawn(f"dev{nxt}", ["--step-sleep", str(s.step_sleep)], standby=True)
-        if s.churn_every:  # the last standby never joins
-            fleet.kill(f"dev{nxt}")
+        for name in pool:  # standbys never called in
+            fleet.kill(name)
         fleet.wait_all(timeout)
         out.wall_s = time.monotonic() - t0
         a = audit(fleet.store, s.job)

@@ -88,6 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = FleetConfig(period=a.period, outer_lr=a.outer_lr, outer_momentum=a.outer_momentum, close=a.close,
                       keep_payloads=a.audit, timeout=a.timeout, min_members=a.min_members)
     if a.wait_go:  # a booted standby device (imports done): joins the moment the harness says so
+        emit(event="standby", name=a.name)
         wait_key(connect_store(a.store, a.timeout), Keys(f"commlayer/fleet/{a.job}").k("go", a.name), a.timeout * 10,
                  f"the go signal of standby device {a.name}", poll=0.02)
     peer = FleetPeer(model.parameters(), cfg, store=a.store, job=a.job, name=a.name, host=a.host, relay=a.relay)
