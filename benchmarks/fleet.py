@@ -53,12 +53,13 @@ def memcpy_gbps(nbytes: int = 64 << 20, reps: int = 7) -> float:
 
 def churn(work: Path, quick: bool) -> dict:
     rounds = 60 if quick else 200
-    base = dict(devices=8, rounds=rounds, step_sleep=0.01, seed=1, args=("--period", "5"))
+    base = dict(devices=8, rounds=rounds, step_sleep=0.03, seed=1, args=("--period", "5"))
     fixed = run(Schedule(churn_every=0, job="fixed", **base), work / "fixed")  # type: ignore[arg-type]
     elastic = run(Schedule(churn_every=10, job="churn", **base), work / "churn")  # type: ignore[arg-type]
     return {"rounds": rounds, "fixed_loss": fixed.final_loss, "churn_loss": elastic.final_loss,
             "loss_ratio": elastic.final_loss / fixed.final_loss, "events": len(elastic.events),
-            "killed": sum(e["how"] == "killed" for e in elastic.events), "audit_churn": elastic.audit,
+            "killed": sum(e["how"] == "killed" for e in elastic.events), "event_rounds": [e["round"] for e in elastic.events],
+            "audit_churn": elastic.audit,
             "audit_fixed": fixed.audit, "join_s_median": statistics.median(elastic.join_s) if elastic.join_s else None,
             "wall_s": {"fixed": fixed.wall_s, "churn": elastic.wall_s}}
 

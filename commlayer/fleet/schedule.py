@@ -28,6 +28,7 @@ class Schedule:
         slow: how many devices are ``slow_factor`` x slower per step.
         step_sleep: seconds per local step of a normal device (its speed).
         seed: the schedule's RNG seed (who leaves, how).
+        standbys: joiner processes booted ahead of their churn event.
         args: further worker arguments (see ``python -m commlayer.fleet.worker --help``).
     """
 
@@ -41,6 +42,7 @@ class Schedule:
     close: str = "deadline"
     args: Sequence[str] = ()
     job: str = "fleet"
+    standbys: int = 4  # booted joiners kept ahead (a boot of torch takes many rounds on a loaded machine)
 
 
 @dataclass
@@ -67,18 +69,22 @@ def run(s: Schedule, workdir: Path, timeout: float = 1800.0) -> Outcome:
             sleep = s.step_sleep * (s.slow_factor if i < s.slow else 1.0)
             fleet.spawn(f"dev{i}", ["--step-sleep", str(sleep)])
         nxt = s.devices
-        pool = [f"dev{nxt + k}" for k in range(2 if s.churn_every else 0)]  # booted standbys, two ahead
+        n_events = len(range(s.churn_every, s.rounds, s.churn_every)) if s.churn_every else 0
+        pool = [f"dev{nxt + k}" for k in range(min(s.standbys, n_events))]  # booted standbys, ahead
         for name in pool:
             fleet.spawn(name, ["--step-sleep", str(s.step_sleep)], standby=True)
         nxt += len(pool)
         for r in range(s.churn_every, s.rounds, s.churn_every) if s.churn_every else ():
             fleet.wait_round(r, timeout)
+            if fleet.latest() >= s.rounds - 1:  # the fleet got ahead of the schedule (slow boots): no churn left
+                break
             joiner = pool.pop(0)
             victim, how = fleet.churn(rng, joiner, exclude=[f"dev{i}" for i in range(s.slow)])
             out.events.append({"round": fleet.latest(), "left": victim, "how": how, "joined": joiner})
-            pool.append(f"dev{nxt}")
-            fleet.spawn(pool[-1], ["--step-sleep", str(s.step_sleep)], standby=True)
-            nxt += 1
+            if len(out.events) + len(pool) < n_events:
+                pool.append(f"dev{nxt}")
+                fleet.spawn(pool[-1], ["--step-sleep", str(s.step_sleep)], standby=True)
+                nxt += 1
         for name in pool:  # standbys never called in
             fleet.kill(name)
         fleet.wait_all(timeout)
