@@ -110,6 +110,9 @@ SETTINGS: dict[str, Setting] = {
         Setting("COMMLAYER_SHM_AREA_BYTES", int, 4 << 20, "group", "bytes per rank and round of the shared-memory all_reduce (two areas per rank)"),
         Setting("COMMLAYER_SHM_SMALL_BYTES", int, 512 << 10, "group", "up to this many bytes x ranks every rank reduces the whole tensor (one barrier)"),
         Setting("COMMLAYER_SHM_SPIN", int, -1, "group", "flag scans before a shared-memory wait sleeps (-1: 20 when ranks <= cores, else 0)"),
+        # fleets (commlayer.fleet)
+        Setting("COMMLAYER_FLEET_STORE", str, "", "fleet", "host:port of the fleet's c10d TCPStore (membership, round ledger)", readme=True),
+        Setting("COMMLAYER_FLEET_RELAY", str, "", "fleet", "host:port of a fleet relay's backend this peer dials out to (peers behind NAT)"),
         # adaptation
         Setting("COMMLAYER_ADAPT", str, "auto", "adapt", "link probing + planner: auto = when some peer is remote, 1 = always, 0 = never", readme=True),
         Setting("COMMLAYER_METRICS", str, "", "adapt", "JSON-lines file for the controller's measurements and decisions", readme=True),

@@ -18,12 +18,20 @@ Two uses:
     push is applied as it arrives, and a pull of clock c is answered only once every live worker
     has pushed at least c - staleness updates (stale-synchronous parallel, Ho et al., NIPS 2013).
 
+Failover (training): with ``replicas`` (one backup rank per server), workers send every init, push
+and done to both the server and its replica, which runs the same shard server on the same
+updates (active replication), and pull from the server. When the transport reports the server
+dead (its connection dropped, its pidfd fired, or its heartbeats stopped: the liveness bound, never
+the group timeout), the worker logs the failover and re-sends the pull to the replica. Without a
+replica the worker stops with a :class:`~commlayer.transport.errors.PeerFailure` naming the server.
+
 This module is the worker-facing topology; the server thread is :mod:`ps_server`, the optimizer
 state :mod:`ps_optimizer`, the shard payloads :mod:`ps_payload`.
 """
 
 from __future__ import annotations
 
+import logging
 from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
@@ -39,11 +47,13 @@ from commlayer.topologies.ps_payload import AGG, PULL, TAG, codec_frames, decode
 from commlayer.topologies.ps_server import ShardServer
 from commlayer.topologies.reduce_ops import ReduceOp
 from commlayer.topologies.ring import even_bounds
-from commlayer.transport.errors import CommError
+from commlayer.transport.errors import CommError, PeerFailure
 from commlayer.transport.envelope import Message
 
 if TYPE_CHECKING:
     from commlayer.topologies.world import World
+
+logger = logging.getLogger(__name__)
 
 
 class ParameterServer(Topology):
@@ -59,13 +69,15 @@ class ParameterServer(Topology):
         downlink: codec for what servers send back (aggregates, parameters); None = exact.
         optimizer: server-side optimizer, "sgd" or "adam".
         lr: its learning rate; optimizer_options: further keyword arguments (momentum, ...).
+        replicas: one backup rank per server (training only): workers fail over to it when the server dies.
     """
 
     name = "ps"
 
     def __init__(self, world: "World", group: Group, servers: "int | Sequence[int]" = 1, workers: Sequence[int] | None = None,
                  mode: str = "sync", staleness: int = 0, uplink: "str | Codec | None" = None, downlink: "str | Codec | None" = None,
-                 optimizer: str = "sgd", lr: float = 0.01, optimizer_options: dict | None = None) -> None:
+                 optimizer: str = "sgd", lr: float = 0.01, optimizer_options: dict | None = None,
+                 replicas: Sequence[int] | None = None) -> None:
         super().__init__(world, group)
         self.servers = list(range(servers)) if isinstance(servers, int) else list(servers)
         self.workers = list(range(world.size)) if workers is None else list(workers)
@@ -73,12 +85,19 @@ class ParameterServer(Topology):
             raise ValueError(f"Expected server and worker ranks in [0, {world.size}), got servers {self.servers}, workers {self.workers}")
         if mode not in MODES or staleness < 0 or optimizer not in OPTIMIZERS:
             raise ValueError(f"Expected mode in {MODES}, staleness >= 0 and optimizer in {OPTIMIZERS}, got {mode!r}, {staleness}, {optimizer!r}")
+        self.replicas = list(replicas) if replicas is not None else []
+        if self.replicas and (len(self.replicas) != len(self.servers) or set(self.replicas) & set(self.servers)
+                              or not set(self.replicas) <= set(range(world.size)) or set(self.replicas) & set(self.workers)):
+            raise ValueError(f"Expected one dedicated replica rank per server (not a server or worker), got replicas "
+                             f"{self.replicas} for servers {self.servers} and workers {self.workers}")
+        self.failed_over: dict[int, str] = {}  # shard -> why its server was given up
+        self.replica_lost: set[int] = set()
         self.mode, self.staleness = mode, staleness if mode == "async" else 0
         self.uplink, self.downlink = self.codec(uplink), self.codec(downlink)
         self.optimizer, self.lr, self.optimizer_options = optimizer, lr, dict(optimizer_options or {})
         self.me = world.rank
         self.is_worker = self.me in self.workers
-        self.is_server = self.me in self.servers
+        self.is_server = self.me in self.servers or self.me in self.replicas
         self.reply_channel = group.channel + "/r"
         self.clock = 0
         self.round = 0
@@ -96,14 +115,50 @@ class ParameterServer(Topology):
                                 "(majority vote for sign:scale=none), then re-encode with the downlink codec")
 
     def _server_of(self, s: int) -> int:
-        return self.servers[s]
+        return self.replicas[s] if s in self.failed_over else self.servers[s]
+
+    def _send_shard(self, s: int, frames: list, meta: dict) -> None:
+        """Sends a training message for shard ``s`` to its server and its replica (the dead one is skipped)."""
+        targets = [self.servers[s]] + ([self.replicas[s]] if self.replicas else [])
+        skip = {self.servers[s]} if s in self.failed_over else set()
+        skip |= {self.replicas[s]} if s in self.replica_lost else set()
+        for dst in (d for d in targets if d not in skip):
+            try:
+                send_p2p(self.world.transport, dst, self.group.channel, TAG, frames, meta)
+            except PeerFailure as exc:
+                if not self.replicas or s in self.failed_over:
+                    raise self._no_server(s, exc) from None
+                if dst == self.servers[s]:
+                    self._fail_over(s, exc)
+                elif s not in self.replica_lost:  # the server still works: training goes on without redundancy
+                    self.replica_lost.add(s)
+                    logger.warning("parameter server shard %d: replica rank %d failed (%s); no failover left", s, dst, exc)
+
+    def _fail_over(self, s: int, exc: BaseException) -> None:
+        if s not in self.failed_over:
+            self.failed_over[s] = str(exc)
+            logger.warning("parameter server shard %d: server rank %d failed (%s); rank %d fails over to replica rank %d",
+                           s, self.servers[s], exc, self.me, self.replicas[s])
+
+    def _no_server(self, s: int, exc: BaseException) -> PeerFailure:
+        server = self._server_of(s)
+        fix = (f"its replica rank {self.replicas[s]} failed too" if s in self.failed_over else
+               "no replica is configured: pass replicas=[one dedicated rank per server] to parameter_server()")
+        return PeerFailure(f"parameter server shard {s}: server rank {server} failed ({exc}); {fix}", peer=server)
 
     def _ctx(self, n: int, dtype: torch.dtype, key: str, step: int) -> CodecContext | None:
         return shard_ctx(self.group.channel, self.world.seed, n, dtype, key, step)
 
     def _recv_reply(self, seq: int, kind: str, s: int) -> Message:
-        return self.world.transport.recv(f"{self.reply_channel}/{kind}", seq, 0, s, self._server_of(s), self.world.timeout,
-                                         f"parameter server {kind} reply #{seq}, shard {s}")
+        try:
+            return self.world.transport.recv(f"{self.reply_channel}/{kind}", seq, 0, s, self._server_of(s),
+                                             self.world.timeout, f"parameter server {kind} reply #{seq}, shard {s}")
+        except PeerFailure as exc:
+            if kind != PULL or not self.replicas or s in self.failed_over:
+                raise self._no_server(s, exc) from None
+            self._fail_over(s, exc)
+            self._send_shard(s, [], {"t": "pull", "s": s, "c": seq})
+            return self._recv_reply(seq, kind, s)
 
     def _allreduce(self, flat: torch.Tensor, op: ReduceOp, codec: Codec | None, downlink: "str | Codec | None" = None) -> torch.Tensor:
         if not self.is_worker:
@@ -138,8 +193,7 @@ class ParameterServer(Topology):
         flat = params.detach().reshape(-1).contiguous()
         self._numel, self._dtype = flat.numel(), flat.dtype
         for s, (a, b) in enumerate(even_bounds(flat.numel(), len(self.servers))):
-            send_p2p(self.world.transport, self._server_of(s), self.group.channel, TAG, raw_frames(flat[a:b].clone()),
-                     {"t": "init", "s": s, "n": b - a, "dt": wire_dtype(flat.dtype)})
+            self._send_shard(s, raw_frames(flat[a:b].clone()), {"t": "init", "s": s, "n": b - a, "dt": wire_dtype(flat.dtype)})
         return self.pull()
 
     def push(self, grad: torch.Tensor, codec: "str | Codec | None" = None) -> None:
@@ -151,8 +205,7 @@ class ParameterServer(Topology):
         up = to_spec(c) if c else ""
         for s, (a, b) in enumerate(even_bounds(flat.numel(), len(self.servers))):
             frames, meta = codec_frames(c, flat[a:b].clone(), self._ctx(b - a, self._dtype, f"grad/{s}", self.clock))
-            send_p2p(self.world.transport, self._server_of(s), self.group.channel, TAG, frames,
-                     {**meta, "t": "grad", "s": s, "c": self.clock, "n": b - a, "up": up})
+            self._send_shard(s, frames, {**meta, "t": "grad", "s": s, "c": self.clock, "n": b - a, "up": up})
         self.clock += 1
 
     def pull(self) -> torch.Tensor:
@@ -160,8 +213,11 @@ class ParameterServer(Topology):
         out = torch.empty(self._numel, dtype=self._dtype)
         bounds = even_bounds(self._numel, len(self.servers))
         for s, (a, b) in enumerate(bounds):
-            send_p2p(self.world.transport, self._server_of(s), self.group.channel, TAG, [],
-                     {"t": "pull", "s": s, "c": self.clock})
+            try:
+                send_p2p(self.world.transport, self._server_of(s), self.group.channel, TAG, [],
+                         {"t": "pull", "s": s, "c": self.clock})
+            except PeerFailure as exc:  # the reply wait below fails over (or names the server)
+                logger.info("parameter server shard %d: pull to rank %d failed: %s", s, self._server_of(s), exc)
         for s, (a, b) in enumerate(bounds):
             m = self._recv_reply(self.clock, PULL, s)
             self.max_staleness_seen = max(self.max_staleness_seen, self.clock - int(m.header.meta["min"]))
@@ -202,7 +258,7 @@ class ParameterServer(Topology):
             return
         self._closed = True
         if self.is_worker:
-            for srv in self.servers:
+            for srv in self.servers + self.replicas:
                 try:
                     send_p2p(self.world.transport, srv, self.group.channel, TAG, [], {"t": "done"})
                 except CommError:
