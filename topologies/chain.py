@@ -68,11 +68,12 @@ def chain_schedule(size: int, numel: int, elem_size: int, order: Sequence[int] |
     sizes = np.array([[(b - a) * elem_size for _, a, b in _chunks(0, numel, chunk)]], dtype=np.int64)
     ids = np.arange(sizes.shape[1], dtype=np.int64)[None, :]
 
-    def step(a: int, b: int, work: str) -> Step:
-        return Step(np.array([a], dtype=np.int64), np.full(sizes.shape, b, dtype=np.int64), sizes, ids, work=work, one_link=True)
+    def step(a: int, b: int, work: str, phase: int) -> Step:
+        return Step(np.array([a], dtype=np.int64), np.full(sizes.shape, b, dtype=np.int64), sizes, ids, work=work,
+                    one_link=True, phase=phase)
 
-    return [step(path[i], path[i + 1], "reduce") for i in range(p - 1)] + \
-           [step(path[i], path[i - 1], "copy") for i in range(p - 1, 0, -1)]
+    return [step(path[i], path[i + 1], "reduce", 0) for i in range(p - 1)] + \
+           [step(path[i], path[i - 1], "copy", 1) for i in range(p - 1, 0, -1)]
 
 
 def _pipeline(s: Links, path: Sequence[int], k: int, c: float, o: float, work: float, cpu: list[float]) -> None:

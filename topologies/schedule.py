@@ -37,6 +37,8 @@ class Step:
         work: what receivers do with the payload: one of :data:`WORKS`.
         one_link: every row sends all its messages to one destination, distinct across rows
             (a ring or chain step): queues are then per row.
+        phase: program phase; a sender's first message of a later phase also waits until it has
+            processed everything it received in earlier phases (a second loop starts after the first).
     """
 
     src: np.ndarray
@@ -46,6 +48,7 @@ class Step:
     mask: np.ndarray | None = None
     work: str = "reduce"
     one_link: bool = False
+    phase: int = 0
 
     def __post_init__(self) -> None:
         if self.work not in WORKS:
