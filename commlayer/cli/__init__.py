@@ -21,13 +21,13 @@ __all__ = ["main", "build_parser"]
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every sub-command."""
-    from commlayer.cli import bench, demo, launch, probe
+    from commlayer.cli import bench, demo, launch, probe, simulate
 
     ap = argparse.ArgumentParser(prog="commlayer", description="commlayer: distributed training over slow, far-apart links")
     ap.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
     sub = ap.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
-    for mod in (launch, bench, probe, demo):
+    for mod in (launch, bench, probe, demo, simulate):
         mod.add_parser(sub)
     return ap
 

@@ -1,0 +1,112 @@
+"""``commlayer simulate --validate``: the same configurations run for real on emulated links, beside the prediction.
+
+Each world is ``n`` real processes (:func:`commlayer.testing.run_world`) over the WAN emulator in
+relay mode (:func:`commlayer.wan.emulated_world`). Per configuration every rank runs ``reps`` timed
+operations after a barrier; a rep's time is the slowest rank's; the median is reported. The
+prediction is the simulator's with ``contention="link"`` (the emulator's independent links) and the
+codec profile measured on this machine. Gossip also returns the consensus error after each round.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import time
+from typing import Any
+
+import numpy as np
+
+CONSENSUS_NUMEL = 64
+
+
+def consensus_start(rank: int) -> Any:
+    """Rank ``rank``'s starting vector for the consensus measurement (the simulator rebuilds it)."""
+    import torch
+
+    return torch.randn(CONSENSUS_NUMEL, generator=torch.Generator().manual_seed(100 + rank), dtype=torch.float32)
+
+
+def _worker(rank: int, world: int, envs: list[dict[str, str]], configs: list[tuple[str, str]], nbytes: int,
+            reps: int, chunk_bytes: int) -> dict[str, Any]:
+    os.environ.update(envs[rank])
+    import torch
+
+    from commlayer.adapt.execute import CodecCache, run_allreduce
+    from commlayer.adapt.planner import Plan
+    from commlayer.topologies import World
+    from commlayer.topologies.reduce_ops import ReduceOp
+
+    torch.set_num_threads(1)
+    w = World.from_env(timeout=120)
+    out: dict[str, Any] = {}
+    codecs = CodecCache()
+    try:
+        for topo, codec in configs:
+            key = f"{topo}|{codec}"
+            times = []
+            if topo.startswith("gossip"):
+                graph = topo.split(":", 1)[1] if ":" in topo else "ring"
+                g, gc = w.gossip(graph, round_timeout=60), w.gossip(graph, round_timeout=60)
+                x = torch.randn(nbytes // 4, generator=torch.Generator().manual_seed(rank))
+                c = consensus_start(rank)
+                traj = []
+                for k in range(reps + 1):
+                    w.barrier()
+                    t0 = time.perf_counter()
+                    g.mix_(x, key="t", codec=codec or None)
+                    times.append(time.perf_counter() - t0)
+                    gc.mix_(c, key="c")
+                    traj.append(c.tolist())
+                out[key + "|consensus"] = traj
+                w.barrier()
+                g.close()
+                gc.close()
+            else:
+                group = w.group("val")
+                plan = Plan(0, topo, chunk_bytes, None, codec, 1, 0.0)
+                x = torch.randn(nbytes // 4, generator=torch.Generator().manual_seed(rank))
+                for k in range(reps + 1):
+                    w.barrier()
+                    t0 = time.perf_counter()
+                    run_allreduce(group, x, ReduceOp.AVG if codec else ReduceOp.SUM, plan, codecs, key=key, step=k)
+                    times.append(time.perf_counter() - t0)
+            out[key] = times[1:]  # the first rep opens connections and codec state
+        w.barrier()
+    finally:
+        w.close()
+    return out
+
+
+def measure(n: int, links: str, configs: list[tuple[str, str]], nbytes: int, reps: int = 3, chunk_bytes: int = 1 << 20,
+            timeout: float = 600.0) -> dict[str, Any]:
+    """Runs ``configs`` ((topology, codec spec) pairs) on ``n`` real ranks over ``links``; per config the median step time."""
+    from commlayer.testing import run_world
+    from commlayer.wan import emulated_world
+
+    with emulated_world(n, links, mode="relay") as world:
+        res = run_world(_worker, n, [world.env(r) for r in range(n)], configs, nbytes, reps, chunk_bytes, timeout=timeout)
+    out: dict[str, Any] = {}
+    for topo, codec in configs:
+        key = f"{topo}|{codec}"
+        per_rep = np.max(np.array([r[key] for r in res]), axis=0)
+        out[key] = {"median_s": float(statistics.median(per_rep)), "reps_s": per_rep.tolist()}
+        if key + "|consensus" in res[0]:
+            traj = np.array([r[key + "|consensus"] for r in res])  # (ranks, rounds, numel)
+            x0 = np.array([consensus_start(r).numpy() for r in range(n)], dtype=np.float64)
+            mean = x0.mean(axis=0)
+            e0 = float(np.linalg.norm(x0 - mean))
+            out[key]["consensus"] = [float(np.linalg.norm(traj[:, k] - mean)) / e0 for k in range(traj.shape[1])]
+            out[key]["consensus_x0"] = x0.tolist()
+    return out
+
+
+def memcpy_GBps(nbytes: int = 64 << 20) -> float:
+    """This machine's memcpy bandwidth (best of 3), printed beside every measured figure."""
+    a = np.ones(nbytes // 8)
+    b = np.empty_like(a)
+    best = float("inf")
+    for _ in range(3):
+        t0 = time.perf_counter()
+        np.copyto(b, a)
+        best = min(best, time.perf_counter() - t0)
+    return nbytes / best / 1e9
