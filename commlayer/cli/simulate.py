@@ -46,7 +46,11 @@ def add_parser(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> No
 
 
 def _codecs(text: str) -> list[Any]:
+    import torch
+
     from commlayer.adapt.execute import measure_codec
+
+    torch.set_num_threads(1)  # as every rank runs (torchrun's OMP_NUM_THREADS=1); threads on a loaded host cost 20x
 
     specs = text.split(";") if ";" in text else text.split(",")
     out = []
