@@ -126,7 +126,7 @@ def _validate(args: argparse.Namespace, nodes: list[int], topologies: list[str],
                    if not (t.startswith("gossip") and c.spec) and t != "ps-async"]
         meas = measure(n, args.links, configs, cfg.nbytes, args.reps, cfg.chunk_bytes)
         for t, spec in configs:
-            prof = next(c for c in codecs if c.spec == spec)
+            prof = meas["codecs"][spec]  # as the ranks measured it, sharing this machine's cores
             pred = run_point(n, t, prof, vcfg)["step_time_s"]
             m = meas[f"{t}|{spec}"]
             row = {"nodes": n, "topology": t, "codec": spec or "exact", "predicted_s": pred, "measured_s": m["median_s"],

@@ -4,7 +4,7 @@ Each world is ``n`` real processes (:func:`commlayer.testing.run_world`) over th
 relay mode (:func:`commlayer.wan.emulated_world`). Per configuration every rank runs ``reps`` timed
 operations after a barrier; a rep's time is the slowest rank's; the median is reported. The
 prediction is the simulator's with ``contention="link"`` (the emulator's independent links) and the
-codec profile measured on this machine. Gossip also returns the consensus error after each round.
+codec profiles the ranks measured inside the world (n ranks share this machine's cores). Gossip also returns the consensus error after each round.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ def _worker(rank: int, world: int, envs: list[dict[str, str]], configs: list[tup
     os.environ.update(envs[rank])
     import torch
 
-    from commlayer.adapt.execute import CodecCache, run_allreduce
+    from commlayer.adapt.execute import CodecCache, measure_codec, profile_vector, run_allreduce
     from commlayer.adapt.planner import Plan
     from commlayer.topologies import World
     from commlayer.topologies.reduce_ops import ReduceOp
@@ -41,6 +41,8 @@ def _worker(rank: int, world: int, envs: list[dict[str, str]], configs: list[tup
     out: dict[str, Any] = {}
     codecs = CodecCache()
     try:
+        w.barrier()  # every rank measures at once: the codecs see the CPU share they get in the runs
+        out["__codecs__"] = {c: profile_vector(measure_codec(c, numel=nbytes // 4)) for c in sorted({c for _, c in configs})}
         for topo, codec in configs:
             key = f"{topo}|{codec}"
             times = []
@@ -79,13 +81,19 @@ def _worker(rank: int, world: int, envs: list[dict[str, str]], configs: list[tup
 
 def measure(n: int, links: str, configs: list[tuple[str, str]], nbytes: int, reps: int = 3, chunk_bytes: int = 1 << 20,
             timeout: float = 600.0) -> dict[str, Any]:
-    """Runs ``configs`` ((topology, codec spec) pairs) on ``n`` real ranks over ``links``; per config the median step time."""
+    """Runs ``configs`` ((topology, codec spec) pairs) on ``n`` real ranks over ``links``; per config the median step time.
+
+    ``out["codecs"]``: each codec's profile as the ranks measured it inside the world (the
+    pessimistic merge over ranks, as the adaptive planner does), for the prediction.
+    """
     from commlayer.testing import run_world
     from commlayer.wan import emulated_world
 
     with emulated_world(n, links, mode="relay") as world:
         res = run_world(_worker, n, [world.env(r) for r in range(n)], configs, nbytes, reps, chunk_bytes, timeout=timeout)
-    out: dict[str, Any] = {}
+    from commlayer.adapt.execute import merge_profiles
+
+    out: dict[str, Any] = {"codecs": {c: merge_profiles(c, [r["__codecs__"][c] for r in res]) for c in res[0]["__codecs__"]}}
     for topo, codec in configs:
         key = f"{topo}|{codec}"
         per_rep = np.max(np.array([r[key] for r in res]), axis=0)
