@@ -18,16 +18,16 @@ from commlayer.topologies.graphs import make_graph, slem
 
 def _slem_power(w: np.ndarray, iters: int = 300, seed: int = 0) -> float:
     n = w.shape[0]
-    v = np.random.Generator(np.random.PCG64(seed)).standard_normal(n)
+    v = np.asarray(np.random.Generator(np.random.PCG64(seed)).standard_normal(n), dtype=float)
     lam = 0.0
     for _ in range(iters):
         v -= v.mean()
         u = w @ v
         u -= u.mean()
-        nv = np.linalg.norm(u)
+        nv = float(np.linalg.norm(u))
         if nv == 0:
             return 0.0
-        lam = nv / np.linalg.norm(v)
+        lam = nv / float(np.linalg.norm(v))
         v = u / nv
     return float(lam)
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Iterable
+from typing import Any, Iterable
 
 import numpy as np
 
@@ -106,9 +106,9 @@ class Engine:
         self.sent = np.zeros(n)
         self.energy = np.zeros(n)
         self.messages = 0
-        self._cache: dict[tuple[int, int], tuple] = {}
+        self._cache: dict[tuple[int, int], tuple[Any, ...]] = {}
 
-    def _consts(self, src: np.ndarray, dst: np.ndarray) -> tuple[np.ndarray, ...]:
+    def _consts(self, src: np.ndarray, dst: np.ndarray) -> tuple[Any, ...]:
         """Per-message link constants, cached while a schedule reuses the same arrays (every ring step)."""
         key = (id(src), id(dst))
         hit = self._cache.get(key)
@@ -117,8 +117,10 @@ class Engine:
         s2 = np.broadcast_to(src[:, None], dst.shape)
         pp = self.links.pair(s2, dst)
         a = np.where(pp.loss > 0, np.log1p(-np.minimum(pp.loss, 0.999)) / TCP_MSS_BYTES, 0.0)
+        lk = self.links
         consts = (s2, pp.delay_s, 1.0 / pp.rate_Bps, pp.jitter_s, pp.rtt_s, a, pp.rate_Bps * pp.rtt_s,
-                  bool(np.any(pp.jitter_s > 0)), bool(np.any(pp.loss > 0)))
+                  bool(np.any(pp.jitter_s > 0)), bool(np.any(pp.loss > 0)), 1.0 / lk.up_Bps[src][:, None],
+                  1.0 / lk.down_Bps[dst], lk.queue_s[src][:, None], lk.energy_J_per_B[src])
         if len(self._cache) > 8:
             self._cache.clear()
         self._cache[key] = (src, dst, consts)
@@ -128,7 +130,7 @@ class Engine:
         """Moves the messages of ``st`` that become ready at ``ready`` (G, M); returns when each is processed."""
         src, dst, p = st.src, st.dst, self.cfg.params
         mask = st.mask
-        s2, delay, inv_rate, jit, rtt, loss_a, loss_cap, any_jit, any_loss = self._consts(src, dst)
+        s2, delay, inv_rate, jit, rtt, loss_a, loss_cap, any_jit, any_loss, inv_up, inv_down, queue, energy = self._consts(src, dst)
         nb = st.nbytes.astype(float) if mask is None else np.where(mask, st.nbytes, 0).astype(float)
         if mask is not None:
             ready = np.where(mask, ready, -math.inf)
@@ -144,12 +146,12 @@ class Engine:
                 self.link_free[s2[m], dst[m]] = fin[m]
             arrive = fin + delay
         else:
-            up = nb / self.links.up_Bps[src][:, None]
+            up = nb * inv_up
             ufin = scan(ready, up, self.up_free[src])
             self.up_free[src] = np.maximum(self.up_free[src], ufin.max(axis=1))
             start = ufin - up
-            late = np.where(start - ready > self.links.queue_s[src][:, None], rtt, 0.0)  # drop-tail retransmit
-            down = nb / self.links.down_Bps[dst]
+            late = (start - ready > queue) * rtt  # drop-tail: waited longer than the uplink buffer, retransmitted
+            down = nb * inv_down
             if st.one_link:
                 dfin = scan(start + delay, down, self.down_free[dst[:, 0]])
                 self.down_free[dst[:, 0]] = dfin.max(axis=1)
@@ -161,9 +163,9 @@ class Engine:
             arrive = np.maximum(np.maximum(ufin, start + ser) + delay, dfin) + late
         if self.cfg.jitter and any_jit:
             arrive = arrive + np.maximum(-delay, jit * self.rng.standard_normal(dst.shape))
-        if self.cfg.loss and any_loss:
+        if self.cfg.loss and any_loss:  # P(stall) = 1 - (1 - loss)^segments, see pipe_stall_probability
             stall = self.rng.random(dst.shape) < -np.expm1(np.minimum(nb, loss_cap) * loss_a)
-            arrive = arrive + np.where(stall, rtt, 0.0)
+            arrive = arrive + stall * rtt
         work = {"reduce": elem_scale / p.reduce_Bps, "copy": 1.0 / p.copy_Bps, "none": 0.0}[st.work]
         svc = p.msg_overhead_s + nb * work
         if mask is not None:
@@ -179,7 +181,7 @@ class Engine:
             done[m] = fifo(dst[m], arrive[m], svc[m], self.cpu)
         sent = nb.sum(axis=1)
         self.sent[src] += sent  # a sender appears in one row of a step
-        self.energy[src] += sent * self.links.energy_J_per_B[src]
+        self.energy[src] += sent * energy
         self.messages += dst.size if mask is None else int(mask.sum())
         return done
 
@@ -194,9 +196,11 @@ class Engine:
         base = done[:, 0].copy()
         phase = 0
         mapped: dict[tuple[int, int], tuple[np.ndarray, ...]] = {}
+        chunk_of: tuple[np.ndarray | None, int, bool] = (None, 0, False)  # (chunk array, width, columns == chunk ids)
         for st in steps:
             if st.phase != phase:  # a new loop starts once the earlier ones are done
                 base = np.maximum(base, done.max(axis=1))
+                done = np.maximum(done, base[:, None])
                 phase = st.phase
             if nodes is not None:
                 key = (id(st.src), id(st.dst))
@@ -204,12 +208,20 @@ class Engine:
                     mapped.clear()
                     mapped[key] = (st.src, nodes[st.src], nodes[st.dst])
                 st = Step(mapped[key][1], mapped[key][2], st.nbytes, st.chunk, st.mask, st.work, st.one_link, st.phase)
-            width = int(st.chunk.max()) + 1
+            if chunk_of[0] is not st.chunk:
+                m = st.chunk.shape[1]
+                chunk_of = (st.chunk, int(st.chunk.max()) + 1, bool(np.array_equal(st.chunk, np.broadcast_to(np.arange(m), st.chunk.shape))))
+            width = chunk_of[1]
             if width > done.shape[1]:
                 done = np.concatenate([done, np.repeat(base[:, None], width - done.shape[1], axis=1)], axis=1)
-            ready = np.maximum(done[st.src[:, None], st.chunk], base[st.src][:, None])
+            direct = st.one_link and chunk_of[2]  # chunk j of every row is column j: plain row slices
+            m = st.chunk.shape[1]
+            ready = done[st.src, :m] if direct else done[st.src[:, None], st.chunk]  # done >= base throughout
             fin = self.transfer(st, ready, elem_scale)
-            if st.one_link:  # (receiver, chunk) pairs are distinct
+            if direct:
+                d0 = st.dst[:, 0]
+                done[d0, :m] = np.maximum(done[d0, :m], fin)
+            elif st.one_link:  # (receiver, chunk) pairs are distinct
                 done[st.dst, st.chunk] = np.maximum(done[st.dst, st.chunk], fin)
             else:
                 mask = np.ones(st.dst.shape, dtype=bool) if st.mask is None else st.mask

@@ -4,7 +4,7 @@ Each world is ``n`` real processes (:func:`commlayer.testing.run_world`) over th
 relay mode (:func:`commlayer.wan.emulated_world`). Per configuration every rank runs ``reps`` timed
 operations after a barrier; a rep's time is the slowest rank's; the median is reported. The
 prediction is the simulator's with ``contention="link"`` (the emulator's independent links) and the
-codec profiles the ranks measured inside the world (n ranks share this machine's cores). Gossip also returns the consensus error after each round.
+codec profiles the ranks measured inside the world, one at a time. Gossip also returns the consensus error after each round.
 """
 
 from __future__ import annotations
@@ -41,8 +41,10 @@ def _worker(rank: int, world: int, envs: list[dict[str, str]], configs: list[tup
     out: dict[str, Any] = {}
     codecs = CodecCache()
     try:
-        w.barrier()  # every rank measures at once: the codecs see the CPU share they get in the runs
-        out["__codecs__"] = {c: profile_vector(measure_codec(c, numel=nbytes // 4)) for c in sorted({c for _, c in configs})}
+        for r in range(world):  # one rank at a time: under this host's ambient load, not an artificial n-way contention
+            w.barrier()
+            if r == rank:
+                out["__codecs__"] = {c: profile_vector(measure_codec(c, numel=nbytes // 4)) for c in sorted({c for _, c in configs})}
         for topo, codec in configs:
             key = f"{topo}|{codec}"
             times = []
@@ -83,8 +85,8 @@ def measure(n: int, links: str, configs: list[tuple[str, str]], nbytes: int, rep
             timeout: float = 600.0) -> dict[str, Any]:
     """Runs ``configs`` ((topology, codec spec) pairs) on ``n`` real ranks over ``links``; per config the median step time.
 
-    ``out["codecs"]``: each codec's profile as the ranks measured it inside the world (the
-    pessimistic merge over ranks, as the adaptive planner does), for the prediction.
+    ``out["codecs"]``: each codec's profile as the ranks measured it inside the world, one rank at a
+    time (the pessimistic merge over ranks, as the adaptive planner does), for the prediction.
     """
     from commlayer.testing import run_world
     from commlayer.wan import emulated_world
