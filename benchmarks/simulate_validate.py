@@ -40,15 +40,13 @@ def _profiles(specs: tuple[str, ...]) -> list[Any]:
 
 def validate(args: argparse.Namespace) -> list[dict[str, Any]]:
     from commlayer.sim.consensus import consensus_curve
-    from commlayer.sim.sweep import SweepConfig, run_point
-    from commlayer.sim.validate import measure, memcpy_GBps
-
     import numpy as np
+
+    from commlayer.sim.validate import measure, memcpy_GBps, predict
 
     codecs = _profiles(CODECS)
     rows: list[dict[str, Any]] = []
     for prof in args.profiles.split(","):
-        cfg = SweepConfig(prof, args.bytes, rounds=1, train=None, jitter=True, seed=0)
         for n in (int(x) for x in args.sizes.split(",")):
             configs = [(t, c.spec) for t in TOPOLOGIES for c in codecs if not (t.startswith("gossip") and c.spec)]
             t0 = time.monotonic()
@@ -56,8 +54,7 @@ def validate(args: argparse.Namespace) -> list[dict[str, Any]]:
             mem = memcpy_GBps()
             for t, spec in configs:
                 c = meas["codecs"][spec]
-                preds = [run_point(n, t, c, replace(cfg, seed=s))["step_time_s"] for s in range(5)]
-                pred = float(np.median(preds))
+                pred = predict(n, prof, t, c, args.bytes)
                 m = meas[f"{t}|{spec}"]
                 row = {"profile": prof, "nodes": n, "topology": t, "codec": spec or "exact", "predicted_s": pred,
                        "measured_s": m["median_s"], "reps_s": m["reps_s"], "error": pred / m["median_s"] - 1,

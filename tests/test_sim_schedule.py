@@ -16,6 +16,7 @@ import pytest
 from commlayer.topologies import registry
 from commlayer.topologies.gossip import gossip_schedule
 from commlayer.topologies.graphs import make_graph
+from commlayer.topologies.linear import barrier_schedule
 from commlayer.topologies.schedule import sends_by_rank
 from multiproc import run_world
 
@@ -48,6 +49,12 @@ def _record(rank: int, world: int, ps_servers: int) -> dict[str, Any]:
             registry.get(name).run(group.op("allreduce"), x, ReduceOp.SUM, [3, 1, 0, 2][:world] if world == 4 else None, CHUNK)
             w.transport.remove_observer(on_send=on_send)
             out[name] = {"sent": list(sent), "result": x.numpy().tolist()}
+        w.barrier()
+        sent.clear()
+        w.transport.add_observer(on_send=on_send)
+        w.barrier()
+        w.transport.remove_observer(on_send=on_send)
+        out["barrier"] = {"sent": list(sent)}
         for graph in GRAPHS:
             g = w.gossip(graph)
             x = torch.full((NUMEL,), float(rank))
@@ -83,6 +90,9 @@ def test_real_sends_match_each_algorithms_schedule(world: int, ps_servers: int) 
         for r in range(world):
             assert got[r][name]["sent"] == want[r], f"{name}: rank {r} sent {got[r][name]['sent'][:6]}..., schedule says {want[r][:6]}..."
             np.testing.assert_allclose(got[r][name]["result"], ref, rtol=1e-6, err_msg=f"{name} rank {r}")
+    want = sends_by_rank(barrier_schedule(world), world)
+    for r in range(world):
+        assert got[r]["barrier"]["sent"] == want[r], f"barrier: rank {r}"
     for graph in GRAPHS:
         gr = make_graph(graph, world, seed=0)
         want = sends_by_rank([gossip_schedule(gr, t, NUMEL * 4) for t in range(GOSSIP_ROUNDS)], world)

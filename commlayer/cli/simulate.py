@@ -109,25 +109,21 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _validate(args: argparse.Namespace, nodes: list[int], topologies: list[str], codecs: list[Any], cfg: Any) -> list[dict]:
-    from dataclasses import replace
-
     from commlayer.sim.consensus import consensus_curve
-    from commlayer.sim.sweep import run_point
-    from commlayer.sim.validate import measure, memcpy_GBps
+    from commlayer.sim.validate import measure, memcpy_GBps, predict
 
     if max(nodes) > 16:
         raise CliError(f"--validate: expected --nodes <= 16 (real processes on this machine), got {max(nodes)}")
     print(f"# validation: real ranks on relay-emulated links; memcpy {memcpy_GBps():.1f} GB/s, {os.cpu_count()} cores")
     print(f"{'nodes':>5} {'topology':<22} {'codec':<12} {'predicted':>10} {'measured':>10} {'error':>7}")
     out = []
-    vcfg = replace(cfg, contention="link", churn=None, compute_s=0.0, period=1, rounds=1, train=None, jitter=False)
     for n in nodes:
         configs = [(t, c.spec) for t in topologies for c in codecs
                    if not (t.startswith("gossip") and c.spec) and t != "ps-async"]
         meas = measure(n, args.links, configs, cfg.nbytes, args.reps, cfg.chunk_bytes)
         for t, spec in configs:
             prof = meas["codecs"][spec]  # as the ranks measured it, sharing this machine's cores
-            pred = run_point(n, t, prof, vcfg)["step_time_s"]
+            pred = predict(n, args.links, t, prof, cfg.nbytes, cfg.chunk_bytes)
             m = meas[f"{t}|{spec}"]
             row = {"nodes": n, "topology": t, "codec": spec or "exact", "predicted_s": pred, "measured_s": m["median_s"],
                    "reps_s": m["reps_s"], "error": pred / m["median_s"] - 1}

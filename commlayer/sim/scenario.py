@@ -90,7 +90,7 @@ class RoundsResult:
     staleness_max: float = 0.0
 
 
-def _collective(sc: Scenario, p: int, order: list[int] | None = None) -> tuple[Iterable[Step], float]:
+def collective_steps(sc: Scenario, p: int, order: list[int] | None = None) -> tuple[Iterable[Step], float]:
     """Steps of one compressed or exact all-reduce over ``p`` ranks, and the receivers' reduction scale."""
     c = sc.codec
     wire = max(4, int(math.ceil(sc.nbytes * c.ratio / 4)) * 4)
@@ -136,7 +136,7 @@ def simulate_rounds(engine: Engine, sc: Scenario, speeds: np.ndarray, churn: Chu
                 scale, mapped, p = 1.0, None, n
             else:
                 p = nodes.size
-                steps, scale = _collective(sc, p)
+                steps, scale = collective_steps(sc, p)
                 mapped = nodes
             done = engine.run(steps, start, mapped, elem_scale=scale)
             ndec = 1 if (c.linear or graph is not None) else p

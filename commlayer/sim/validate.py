@@ -110,6 +110,33 @@ def measure(n: int, links: str, configs: list[tuple[str, str]], nbytes: int, rep
     return out
 
 
+def predict(n: int, links: str, topology: str, codec: Any, nbytes: int, chunk_bytes: int = 1 << 20, seeds: int = 5) -> float:
+    """The simulator's prediction of what :func:`measure` reports: the slowest rank's time from its own
+    exit of the dissemination barrier (simulated too: ranks leave it at different times) to the end
+    of its operation; the median over ``seeds`` jitter/loss draws."""
+    from commlayer.sim.engine import Engine, EngineConfig
+    from commlayer.sim.links import sim_links
+    from commlayer.sim.scenario import Scenario, collective_steps
+    from commlayer.topologies.gossip import gossip_schedule
+    from commlayer.topologies.graphs import make_graph
+    from commlayer.topologies.linear import barrier_schedule
+
+    lk = sim_links(links, n)
+    sc = Scenario(topology, nbytes, codec, chunk_bytes=chunk_bytes).check()
+    out = []
+    for seed in range(seeds):
+        eng = Engine(lk, EngineConfig(seed=seed))
+        exits = eng.run(barrier_schedule(n), np.zeros(n))
+        if sc.base == "gossip":
+            steps, scale, ndec = [gossip_schedule(make_graph(sc.graph, n), 0, nbytes)], 1.0, 1
+        else:
+            steps, scale = collective_steps(sc, n)
+            ndec = 1 if codec.linear else n
+        done = eng.run(steps, exits + nbytes / codec.encode_Bps, elem_scale=scale) + ndec * nbytes / codec.decode_Bps
+        out.append(float((done - exits).max()))
+    return float(statistics.median(out))
+
+
 def memcpy_GBps(nbytes: int = 64 << 20) -> float:
     """This machine's memcpy bandwidth (best of 3), printed beside every measured figure."""
     a = np.ones(nbytes // 8)
