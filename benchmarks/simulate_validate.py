@@ -91,6 +91,18 @@ def study(args: argparse.Namespace) -> list[dict[str, Any]]:
     return rows
 
 
+def _plots(doc: dict[str, Any], png: str) -> None:
+    from commlayer.sim.plot import plot_study, plot_validation
+
+    if doc.get("validation"):
+        plot_validation(doc["validation"], png)
+        print(f"wrote {png}")
+    if doc.get("study"):
+        out = png.replace(".png", "_study.png")
+        plot_study(doc["study"], out)
+        print(f"wrote {out}")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--validate", action="store_true")
@@ -107,7 +119,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--compute-s", type=float, default=1.0)
     ap.add_argument("--ps-servers", type=int, default=16)
     ap.add_argument("--json", default="simulate_validate.json")
+    ap.add_argument("--png", default="", help="figure path (validation); the study's goes beside it with _study")
+    ap.add_argument("--plot-only", default="", help="re-plot a JSON written before")
     args = ap.parse_args(argv)
+    if args.plot_only:
+        _plots(json.loads(Path(args.plot_only).read_text()), args.png or "simulate_validate.png")
+        return 0
     if not (args.validate or args.study):
         ap.error("expected --validate and/or --study")
     doc: dict[str, Any] = {"argv": sys.argv[1:], "cores": os.cpu_count()}
@@ -117,6 +134,8 @@ def main(argv: list[str] | None = None) -> int:
         doc["study"] = study(args)
     Path(args.json).write_text(json.dumps(doc, indent=1))
     print(f"wrote {args.json}")
+    if args.png:
+        _plots(doc, args.png)
     return 0
 
 

@@ -57,3 +57,74 @@ def plot_sweep(rows: list[dict[str, Any]], path: str, validation: list[dict[str,
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def plot_validation(rows: list[dict[str, Any]], path: str) -> None:
+    """Predicted vs measured step time, one panel per profile; and gossip consensus error, real vs simulated."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    profiles = sorted({r["profile"] for r in rows})
+    fig, axes = plt.subplots(1, len(profiles) + 1, figsize=(4.6 * (len(profiles) + 1), 4.2))
+    marks = {"ring": "o", "tree": "s", "ps": "^", "gossip:ring": "D"}
+    colors = {"exact": "#1f77b4", "int8+ef": "#ff7f0e", "topk:ratio=0.01+ef": "#2ca02c"}
+    for ax, prof in zip(axes, profiles):
+        pts = [r for r in rows if r["profile"] == prof]
+        for r in pts:
+            ax.scatter(r["measured_s"], r["predicted_s"], marker=marks.get(r["topology"], "x"),
+                       color=colors.get(r["codec"], "k"), s=14 + 10 * (r["nodes"] == 8))
+        v = [r["measured_s"] for r in pts] + [r["predicted_s"] for r in pts]
+        lo, hi = min(v) * 0.7, max(v) * 1.4
+        ax.plot([lo, hi], [lo, hi], "k-", lw=0.8)
+        ax.fill_between([lo, hi], [lo / 1.15, hi / 1.15], [lo * 1.15, hi * 1.15], color="0.85", zorder=0)
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_title(f"{prof} (4 and 8 ranks)", fontsize=9)
+        ax.set_xlabel("measured step time (s)")
+        ax.set_ylabel("predicted (s); band: +-15 %")
+    for topo, m in marks.items():
+        axes[0].scatter([], [], marker=m, color="k", label=topo)
+    for codec, c in colors.items():
+        axes[0].scatter([], [], marker="o", color=c, label=codec)
+    axes[0].legend(fontsize=6)
+    ax = axes[-1]
+    for r in rows:
+        if "consensus_real" in r:
+            ax.semilogy(r["consensus_real"], "o", ms=3, label=f"real {r['profile'][:8]} {r['nodes']}")
+            ax.semilogy(r["consensus_sim"], "-", lw=1)
+    ax.set_xlabel("gossip round (ring graph)")
+    ax.set_ylabel("||X - mean|| / ||X0 - mean||  (lines: simulated)")
+    ax.legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_study(rows: list[dict[str, Any]], path: str) -> None:
+    """Fleet study: step time, time to target and energy per device, per (topology, codec), at each size."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sizes = sorted({r["nodes"] for r in rows})
+    keys = sorted({(r["topology"], r["codec"]) for r in rows})
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.8))
+    width = 0.8 / max(1, len(sizes))
+    for k, n in enumerate(sizes):
+        by = {(r["topology"], r["codec"]): r for r in rows if r["nodes"] == n}
+        xs = [i + k * width for i in range(len(keys))]
+        for ax, field in zip(axes, ("step_time_s", "time_to_target_s", "energy_per_device_J")):
+            vals = [by[key].get(field) or 0.0 if key in by else 0.0 for key in keys]
+            ax.bar(xs, vals, width=width, label=f"{n} nodes")
+    for ax, yl in zip(axes, ("step time (s)", "time to target loss (s)", "energy per device per round (J)")):
+        ax.set_xticks([i + 0.4 - width / 2 for i in range(len(keys))])
+        ax.set_xticklabels([f"{t}\n{c}" for t, c in keys], rotation=75, fontsize=6)
+        ax.set_yscale("log")
+        ax.set_ylabel(yl)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
