@@ -72,7 +72,7 @@ def validate(args: argparse.Namespace) -> list[dict[str, Any]]:
 def study(args: argparse.Namespace) -> list[dict[str, Any]]:
     from commlayer.sim.sweep import SweepConfig, format_table, run_point
 
-    codecs = _profiles(("", "int8+ef", "topk:ratio=0.01+ef"))
+    codecs = _profiles(tuple(args.study_codecs.split(";")))
     cfg = SweepConfig(args.links, args.bytes, rounds=args.rounds, compute_s=args.compute_s, churn=(0.01, 0.5),
                       contention="device", ps_servers=args.ps_servers, chunk_bytes=1 << 20, train_rounds=300)
     rows = []
@@ -115,6 +115,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--nodes", default="1024,4096")
     ap.add_argument("--topologies", default=",".join(STUDY_TOPOLOGIES))
     ap.add_argument("--rounds", type=int, default=100)
+    ap.add_argument("--study-codecs", default=";fp16;randomk:ratio=0.01+ef",
+                    help="';'-separated; linear codecs ride every algorithm (non-linear ones are all-gathered: p payloads per device)")
     ap.add_argument("--ring-rounds", type=int, default=100, help="rounds for the ring (its O(p^2) messages per round)")
     ap.add_argument("--compute-s", type=float, default=1.0)
     ap.add_argument("--ps-servers", type=int, default=16)

@@ -59,7 +59,7 @@ def run_point(nodes: int, topology: str, codec: CodecProfile, cfg: SweepConfig) 
     res = simulate_rounds(eng, sc, speeds_for(links.devices), churn)
     step = float(res.end[-1] / cfg.rounds)
     row: dict[str, Any] = {
-        "nodes": nodes, "topology": topology, "codec": codec.spec or "exact", "links": cfg.links,
+        "nodes": nodes, "topology": topology, "codec": codec.spec or "exact", "links": cfg.links, "rounds": cfg.rounds,
         "step_time_s": step, "bytes_per_device": float(np.mean(res.sent_per_node)),
         "bytes_per_device_max": float(np.max(res.sent_per_node)),
         "energy_per_device_J": float(np.mean(res.energy_per_node)), "alive_frac": res.alive_frac,
