@@ -1,9 +1,10 @@
-"""``commlayer`` command line: launch, bench, probe, demo.
+"""``commlayer`` command line: launch, bench, probe, demo, simulate.
 
     commlayer launch --nproc 4 --links wan-20mbit-50ms [--mode relay|netns] train.py [args...]
     commlayer bench  --nproc 4 --links datacenter,wan-20mbit-50ms --algos ring,tree --codecs ,int8
     commlayer probe  --nproc 4 --links hetero
     commlayer demo   [--quick]
+    commlayer simulate --nodes 1024 --topology ring,tree,ps,gossip:exponential --links lte [--validate]
 
 Every sub-command lives in its own module and is imported only when used.
 """
