@@ -12,9 +12,11 @@ from __future__ import annotations
 import os
 import statistics
 import time
-from typing import Any
+from typing import Any, Iterable
 
 import numpy as np
+
+from commlayer.topologies.schedule import Step
 
 CONSENSUS_NUMEL = 64
 
@@ -127,6 +129,7 @@ def predict(n: int, links: str, topology: str, codec: Any, nbytes: int, chunk_by
     for seed in range(seeds):
         eng = Engine(lk, EngineConfig(seed=seed))
         exits = eng.run(barrier_schedule(n), np.zeros(n))
+        steps: Iterable[Step]
         if sc.base == "gossip":
             steps, scale, ndec = [gossip_schedule(make_graph(sc.graph, n), 0, nbytes)], 1.0, 1
         else:
