@@ -14,12 +14,14 @@ from __future__ import annotations
 
 from typing import Sequence
 
+import numpy as np
 import torch
 
 from commlayer.topologies.comm import OpComm
 from commlayer.topologies.cost import CostParams, Links, chunking
 from commlayer.topologies.reduce_ops import ReduceOp, combine_
 from commlayer.topologies.ring import DEFAULT_CHUNK_BYTES, _chunks
+from commlayer.topologies.schedule import Step
 
 _REDUCE, _BCAST = 0, 1  # steps of the two phases
 
@@ -54,6 +56,25 @@ def chain_allreduce(comm: OpComm, flat: torch.Tensor, op: ReduceOp, order: Seque
         if prv is not None:
             comm.send_tensor(prv, _BCAST, flat[a:b], chunk=j)
     comm.finish()
+
+
+def chain_schedule(size: int, numel: int, elem_size: int, order: Sequence[int] | None = None,
+                   chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> list[Step]:
+    """What :func:`chain_allreduce` sends: step i, path[i] -> path[i+1] (reduce); then back up the path (broadcast)."""
+    p = size
+    if p <= 1 or numel == 0:
+        return []
+    path = _path(p, order)
+    chunk = max(1, chunk_bytes // max(1, elem_size))
+    sizes = np.array([[(b - a) * elem_size for _, a, b in _chunks(0, numel, chunk)]], dtype=np.int64)
+    ids = np.arange(sizes.shape[1], dtype=np.int64)[None, :]
+
+    def step(a: int, b: int, work: str, phase: int) -> Step:
+        return Step(np.array([a], dtype=np.int64), np.full(sizes.shape, b, dtype=np.int64), sizes, ids, work=work,
+                    one_link=True, phase=phase)
+
+    return [step(path[i], path[i + 1], "reduce", 0) for i in range(p - 1)] + \
+           [step(path[i], path[i - 1], "copy", 1) for i in range(p - 1, 0, -1)]
 
 
 def _pipeline(s: Links, path: Sequence[int], k: int, c: float, o: float, work: float, cpu: list[float]) -> None:

@@ -31,6 +31,7 @@ from commlayer.topologies.comm import Group, frame_tensor, tensor_bytes, wire_dt
 from commlayer.topologies.graphs import Graph, contraction, make_graph
 from commlayer.topologies.p2p import Inbox, buf, send_p2p
 from commlayer.topologies.reduce_ops import ReduceOp
+from commlayer.topologies.schedule import Step, fan
 from commlayer.transport.errors import CommError
 from commlayer.transport.envelope import Message
 
@@ -41,6 +42,15 @@ logger = logging.getLogger(__name__)
 
 TAG = 7
 MODES = ("sync", "async")
+
+
+def gossip_schedule(graph: Graph, t: int, nbytes: int, alive: "list[bool] | None" = None) -> Step:
+    """What round ``t`` of plain or push-sum gossip sends: every live rank its whole tensor to each
+    live out-neighbour, in ascending rank order (as :meth:`Gossip.mix_`)."""
+    adj = graph.restrict(t, alive)
+    rows = [i for i in range(graph.n) if adj[i].any()]
+    outs = [[int(j) for j in np.flatnonzero(adj[i])] for i in rows]
+    return fan(rows, outs, [[nbytes] * len(o) for o in outs])
 
 
 @dataclass

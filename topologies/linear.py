@@ -7,6 +7,7 @@ from typing import Sequence
 import torch
 
 from commlayer.topologies.comm import OpComm
+from commlayer.topologies.schedule import Step, single
 
 
 def gather(comm: OpComm, src: torch.Tensor, outs: Sequence[torch.Tensor] | None, root: int) -> None:
@@ -61,3 +62,12 @@ def barrier(comm: OpComm) -> None:
         comm.recv((me - dist) % p, step)
         dist <<= 1
         step += 1
+
+
+def barrier_schedule(size: int) -> list[Step]:
+    """What :func:`barrier` sends: in round k every rank an empty message to ``rank + 2^k``."""
+    steps, dist = [], 1
+    while dist < size:
+        steps.append(single(list(range(size)), [(r + dist) % size for r in range(size)], [0] * size, work="none"))
+        dist <<= 1
+    return steps

@@ -18,6 +18,7 @@ from commlayer.topologies.comm import OpComm
 from commlayer.topologies.cost import CostParams, Links
 from commlayer.topologies.reduce_ops import ReduceOp, combine_
 from commlayer.topologies.ring import even_bounds
+from commlayer.topologies.schedule import Step, fan
 
 
 def default_servers(size: int) -> int:
@@ -59,6 +60,19 @@ def ps_allreduce(comm: OpComm, flat: torch.Tensor, op: ReduceOp, servers: int | 
         if s != me and b > a:
             flat[a:b].copy_(comm.recv_tensor(s, 1, flat.dtype, b - a))
     comm.finish()
+
+
+def ps_schedule(size: int, numel: int, elem_size: int, servers: int | None = None) -> list[Step]:
+    """What :func:`ps_allreduce` sends: every rank pushes shard s to server s, then each server sends its reduced shard back."""
+    p = size
+    if p <= 1 or numel == 0:
+        return []
+    s_count = min(p, servers or default_servers(p))
+    shard = [(b - a) * elem_size for a, b in even_bounds(numel, s_count)]
+    push = [[s for s in range(s_count) if s != me and shard[s]] for me in range(p)]
+    pull = [[w for w in range(p) if w != s] if shard[s] else [] for s in range(s_count)]
+    return [fan(list(range(p)), push, [[shard[s] for s in d] for d in push]),
+            fan(list(range(s_count)), pull, [[shard[s]] * len(d) for s, d in enumerate(pull)], work="copy")]
 
 
 def ps_time(s: Links, nbytes: float, servers: Sequence[int], params: CostParams) -> float:

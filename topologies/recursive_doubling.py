@@ -13,6 +13,7 @@ import torch
 from commlayer.topologies.comm import OpComm
 from commlayer.topologies.cost import CostParams, Links
 from commlayer.topologies.reduce_ops import ReduceOp, combine_
+from commlayer.topologies.schedule import Step, single
 
 
 def recursive_doubling_allreduce(comm: OpComm, flat: torch.Tensor, op: ReduceOp) -> None:
@@ -53,6 +54,26 @@ def recursive_doubling_allreduce(comm: OpComm, flat: torch.Tensor, op: ReduceOp)
             comm.send_tensor(rank - 1, final, flat, copy=True)
         else:
             flat.copy_(comm.recv_tensor(rank + 1, final, flat.dtype, n))
+
+
+def recursive_doubling_schedule(size: int, nbytes: int) -> list[Step]:
+    """What :func:`recursive_doubling_allreduce` sends: the fold, the log2 exchanges, the unfold (whole tensor each)."""
+    p = size
+    if p <= 1 or nbytes == 0:
+        return []
+    pof2 = 1 << (p.bit_length() - 1)
+    rem = p - pof2
+    steps = []
+    if rem:
+        steps.append(single(list(range(0, 2 * rem, 2)), list(range(1, 2 * rem, 2)), [nbytes] * rem))
+    active = [r for r in range(p) if not (r < 2 * rem and r % 2 == 0)]
+    mask = 1
+    while mask < pof2:
+        steps.append(single(active, [active[nr ^ mask] for nr in range(len(active))], [nbytes] * len(active)))
+        mask <<= 1
+    if rem:
+        steps.append(single(list(range(1, 2 * rem, 2)), list(range(0, 2 * rem, 2)), [nbytes] * rem, work="copy"))
+    return steps
 
 
 def recursive_doubling_time(s: Links, nbytes: float, params: CostParams, elem_scale: float = 1.0) -> float:

@@ -20,18 +20,19 @@ Adding an algorithm = its file (run + cost function) + one :class:`Algorithm` ro
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol, Sequence
+from typing import Iterable, Protocol, Sequence
 
 import torch
 
 from commlayer import settings
-from commlayer.topologies.chain import chain_allreduce, chain_allreduce_time
+from commlayer.topologies.chain import chain_allreduce, chain_allreduce_time, chain_schedule
 from commlayer.topologies.comm import OpComm
 from commlayer.topologies.cost import CostParams, Links
-from commlayer.topologies.ps_collective import ps_allreduce, ps_allreduce_time
-from commlayer.topologies.recursive_doubling import recursive_doubling_allreduce, recursive_doubling_time
+from commlayer.topologies.ps_collective import ps_allreduce, ps_allreduce_time, ps_schedule
+from commlayer.topologies.recursive_doubling import recursive_doubling_allreduce, recursive_doubling_schedule, recursive_doubling_time
 from commlayer.topologies.reduce_ops import ReduceOp
-from commlayer.topologies.ring import ring_allreduce, ring_allreduce_time
+from commlayer.topologies.ring import ring_allreduce, ring_allreduce_time, ring_schedule
+from commlayer.topologies.schedule import Step
 
 AUTO = "auto"
 GATHERS = ("ring", "direct")
@@ -39,6 +40,10 @@ GATHERS = ("ring", "direct")
 
 class RunFn(Protocol):
     def __call__(self, comm: OpComm, flat: torch.Tensor, op: ReduceOp, order: Sequence[int] | None, chunk_bytes: int) -> None: ...
+
+
+class ScheduleFn(Protocol):
+    def __call__(self, size: int, numel: int, elem_size: int, order: Sequence[int] | None, chunk_bytes: int) -> Iterable[Step]: ...
 
 
 class CostFn(Protocol):
@@ -63,6 +68,8 @@ class Algorithm:
         dtypes: dtypes it reduces (None: every dtype the transport carries).
         ops: reduce ops it supports.
         doc: one line for docs and error messages.
+        schedule: ``schedule(size, numel, elem_size, order, chunk_bytes)`` the messages ``run`` sends,
+            step by step (:mod:`commlayer.topologies.schedule`; the simulator replays it).
     """
 
     name: str
@@ -75,6 +82,7 @@ class Algorithm:
     dtypes: frozenset[torch.dtype] | None = None
     ops: frozenset[ReduceOp] = frozenset(ReduceOp)
     doc: str = ""
+    schedule: ScheduleFn | None = None
 
     def __post_init__(self) -> None:
         if not self.name or self.name == AUTO:
@@ -109,15 +117,27 @@ def _tree_cost(s: Links, nbytes: float, order: Sequence[int] | None, chunk_bytes
     return recursive_doubling_time(s, nbytes, params, elem_scale)
 
 
+def _ring_schedule(size: int, numel: int, elem_size: int, order: Sequence[int] | None, chunk_bytes: int) -> Iterable[Step]:
+    return ring_schedule(size, numel, elem_size, order, chunk_bytes)
+
+
+def _tree_schedule(size: int, numel: int, elem_size: int, order: Sequence[int] | None, chunk_bytes: int) -> Iterable[Step]:
+    return recursive_doubling_schedule(size, numel * elem_size)
+
+
+def _ps_schedule(size: int, numel: int, elem_size: int, order: Sequence[int] | None, chunk_bytes: int) -> Iterable[Step]:
+    return ps_schedule(size, numel, elem_size)
+
+
 _BUILTIN = (
     Algorithm("ring", _ring, ring_allreduce_time, gather="ring", uses_order=True, candidate=True,
-              doc="chunked pipelined ring (bandwidth-optimal, Patarasuk & Yuan 2009)"),
+              doc="chunked pipelined ring (bandwidth-optimal, Patarasuk & Yuan 2009)", schedule=_ring_schedule),
     Algorithm("tree", _tree, _tree_cost, gather="direct", candidate=True,
-              doc="recursive doubling (latency-optimal, Thakur et al. 2005)"),
+              doc="recursive doubling (latency-optimal, Thakur et al. 2005)", schedule=_tree_schedule),
     Algorithm("chain", chain_allreduce, chain_allreduce_time, gather="ring", uses_order=True,
-              doc="pipelined reduce down a path and broadcast back (a line of sites)"),
+              doc="pipelined reduce down a path and broadcast back (a line of sites)", schedule=chain_schedule),
     Algorithm("ps", _ps, ps_allreduce_time, gather="direct",
-              doc="sharded co-located parameter servers (COMMLAYER_PS_SERVERS)"),
+              doc="sharded co-located parameter servers (COMMLAYER_PS_SERVERS)", schedule=_ps_schedule),
 )
 
 _TABLE: dict[str, Algorithm] = {a.name: a for a in _BUILTIN}

@@ -12,11 +12,13 @@ from __future__ import annotations
 
 from typing import Iterator, Sequence
 
+import numpy as np
 import torch
 
 from commlayer.topologies.comm import OpComm
 from commlayer.topologies.cost import CostParams, Links, chunking
 from commlayer.topologies.reduce_ops import ReduceOp, combine_
+from commlayer.topologies.schedule import Step
 
 DEFAULT_CHUNK_BYTES = 1 << 20
 
@@ -128,6 +130,51 @@ def ring_allgather(comm: OpComm, flat: torch.Tensor, bounds: Sequence[tuple[int,
     ring = _Ring(comm, flat, bounds, order, chunk_bytes)
     ring.allgather(0, send_first=True)
     comm.finish()
+
+
+# ---- schedule: what the code above sends (tests/test_sim_schedule.py checks it against real sends) -----
+RING_PHASES = ("allreduce", "reduce_scatter", "allgather")
+
+
+def ring_schedule(size: int, numel: int, elem_size: int, order: Sequence[int] | None = None,
+                  chunk_bytes: int = DEFAULT_CHUNK_BYTES, phase: str = "allreduce",
+                  bounds: Sequence[tuple[int, int]] | None = None) -> Iterator[Step]:
+    """The ring's steps: in step ``t`` the rank at ring position ``k`` sends the chunks of block
+    ``k - t - 1`` (``k - t`` in an all-gather) to position ``k + 1``.
+
+    Args:
+        size: ranks. numel: elements of the flat tensor. elem_size: bytes per element.
+        order: ring order (a permutation of ``range(size)``; identity if None).
+        chunk_bytes: chunk size, as :func:`ring_allreduce`.
+        phase: "allreduce" (2(p-1) steps), "reduce_scatter" or "allgather" (p-1 steps each).
+        bounds: element range of each rank's block (default :func:`even_bounds`).
+    """
+    if phase not in RING_PHASES:
+        raise ValueError(f"Expected phase in {RING_PHASES}, got {phase!r}")
+    p = size
+    if p <= 1 or numel == 0:
+        return
+    order = list(order) if order is not None else list(range(p))
+    if sorted(order) != list(range(p)):
+        raise ValueError(f"Expected the ring order to be a permutation of range({p}), got {order}")
+    bounds = even_bounds(numel, p) if bounds is None else bounds
+    chunk = max(1, chunk_bytes // max(1, elem_size))
+    lens = np.array([bounds[order[k]][1] - bounds[order[k]][0] for k in range(p)], dtype=np.int64)
+    m = max(1, int(-(-lens.max() // chunk)))
+    starts = np.arange(m, dtype=np.int64) * chunk
+    sizes = np.clip(lens[:, None] - starts[None, :], 0, chunk) * elem_size  # (block, chunk) bytes
+    valid = sizes > 0
+    full = bool(valid.all())
+    src = np.asarray(order, dtype=np.int64)
+    dst = np.broadcast_to(np.roll(src, -1)[:, None], (p, m))
+    chunks = np.broadcast_to(np.arange(m, dtype=np.int64)[None, :], (p, m))
+    steps = 2 * (p - 1) if phase == "allreduce" else p - 1
+    shift = 0 if phase == "allgather" else 1
+    pos = np.arange(p)
+    for t in range(steps):
+        blk = (pos - t - shift) % p
+        work = "reduce" if phase == "reduce_scatter" or (phase == "allreduce" and t < p - 1) else "copy"
+        yield Step(src, dst, sizes[blk], chunks, None if full else valid[blk], work=work, one_link=True)
 
 
 # ---- cost: the schedule above replayed over per-link alpha/beta ----------------------------------

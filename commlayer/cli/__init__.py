@@ -1,9 +1,10 @@
-"""``commlayer`` command line: launch, bench, probe, demo.
+"""``commlayer`` command line: launch, bench, probe, demo, simulate.
 
     commlayer launch --nproc 4 --links wan-20mbit-50ms [--mode relay|netns] train.py [args...]
     commlayer bench  --nproc 4 --links datacenter,wan-20mbit-50ms --algos ring,tree --codecs ,int8
     commlayer probe  --nproc 4 --links hetero
     commlayer demo   [--quick]
+    commlayer simulate --nodes 1024 --topology ring,tree,ps,gossip:exponential --links lte [--validate]
 
 Every sub-command lives in its own module and is imported only when used.
 """
@@ -21,13 +22,13 @@ __all__ = ["main", "build_parser"]
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every sub-command."""
-    from commlayer.cli import bench, demo, launch, probe
+    from commlayer.cli import bench, demo, launch, probe, simulate
 
     ap = argparse.ArgumentParser(prog="commlayer", description="commlayer: distributed training over slow, far-apart links")
     ap.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
     sub = ap.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
-    for mod in (launch, bench, probe, demo):
+    for mod in (launch, bench, probe, demo, simulate):
         mod.add_parser(sub)
     return ap
 
