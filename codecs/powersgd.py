@@ -279,3 +279,12 @@ def powersgd_allreduce(
             t = gen.send(allreduce(t))
     except StopIteration as stop:
         return stop.value
+
+
+def shape_wire_bytes(codec: Codec, shape: tuple[int, ...], dtype: torch.dtype) -> int:
+    """Payload bytes one rank sends for a tensor of ``shape``: exact per shape for PowerSGD (also inside
+    error feedback), ``codec.wire_bytes`` for every other codec."""
+    inner = getattr(codec, "inner", codec)
+    if isinstance(inner, PowerSGD):
+        return inner.matrix_wire_bytes(tuple(shape))
+    return int(codec.wire_bytes(math.prod(shape), dtype))

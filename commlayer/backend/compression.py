@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from commlayer.codecs import Codec, CodecContext, from_spec
+from commlayer.codecs.powersgd import shape_wire_bytes as wire_bytes
 from commlayer.topologies.reduce_ops import ReduceOp
 
 logger = logging.getLogger(__name__)
@@ -34,12 +35,6 @@ class CodecNotApplied(UserWarning):
 def _inner(codec: Codec) -> Codec:
     inner = getattr(codec, "inner", None)  # error feedback wraps the compressor
     return inner if isinstance(inner, Codec) else codec
-
-
-def wire_bytes(codec: Codec, shape: tuple[int, ...], dtype: torch.dtype) -> int:
-    """Payload bytes one rank sends for a tensor of ``shape`` (exact per shape where the codec knows it)."""
-    per_shape = getattr(_inner(codec), "matrix_wire_bytes", None)
-    return int(per_shape(shape)) if callable(per_shape) else int(codec.wire_bytes(math.prod(shape), dtype))
 
 
 def why_not(codec: Codec, shape: tuple[int, ...], dtype: torch.dtype) -> str:
