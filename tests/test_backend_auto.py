@@ -6,6 +6,7 @@ counters (what really left each rank), and the plans of the other ranks.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import warnings
@@ -185,3 +186,47 @@ def test_auto_replans_within_three_steps_after_a_10x_rate_drop() -> None:
     lossy = next(i for i, s in enumerate(steps) if s["codec"])
     assert lossy - first_slow <= 3, f"lossy plan at step {lossy}, drop at step {first_slow}: {steps[first_slow - 1:lossy + 1]}"
     assert steps[lossy]["version"] > before[-1]["version"], "the links were re-probed"
+
+
+_PROBE_RANK = """
+import json, os, sys
+from commlayer.cli.probe import _rank_main
+rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+print("@@" + json.dumps(_rank_main(rank, world, 512 << 10, 5, 60.0)), flush=True)
+"""
+
+
+@pytest.mark.slow
+def test_probe_reads_kernel_shaped_links_up_to_1gbit_within_15_percent() -> None:
+    """veth + tbf (the kernel paces, not a Python relay): 1000, 200 and 50 Mbit/s uplinks, 1 Gbit/s downlinks.
+    Every directed link's reading is within 15 % of min(uplink, downlink), or it is flagged as a lower bound
+    and not above the configured rate."""
+    import subprocess
+    import sys
+
+    from commlayer.wan import AccessLink, KernelWorld, tc_unavailable_reason
+
+    if tc_unavailable_reason() is not None:
+        pytest.skip(str(tc_unavailable_reason()))
+    ups = [1000.0, 200.0, 50.0]
+    with KernelWorld([AccessLink(u, 1000.0, 50.0, 50.0) for u in ups], prefix="autop") as w:
+        procs = [w.popen(r, [sys.executable, "-c", _PROBE_RANK], env={**os.environ, **w.env(r)}, stdout=subprocess.PIPE,
+                         stderr=subprocess.STDOUT, text=True) for r in range(3)]
+        outs = []
+        try:
+            for p in procs:
+                out, _ = p.communicate(timeout=150)
+                outs.append(out)
+        finally:
+            for p in procs:
+                if p.poll() is None:
+                    p.kill()
+                    p.wait(timeout=5)
+    lines = [ln for ln in outs[0].splitlines() if ln.startswith("@@")]
+    assert lines, outs
+    for e in json.loads(lines[0][2:]):
+        expect = min(ups[e["src"]], 1000.0)
+        if e["lower_bound"]:
+            assert e["bandwidth_mbit"] <= expect * 1.15, e
+        else:
+            assert e["bandwidth_mbit"] == pytest.approx(expect, rel=0.15), e

@@ -14,9 +14,13 @@ A probe is collective: every rank of the group calls :func:`probe_links` with th
    go - RTT). A train shorter than ``train_s`` is dominated by scheduling noise on a busy host (a
    64 KiB message at 200 Mbit/s takes 2.6 ms, a time slice of a loaded core more): the receiver
    asks again with a train sized to last ``train_s`` at the rate just read, up to
-   ``max_train_bytes`` and ``max_trains`` trains, and keeps the last (longest) train's reading. A
-   reading whose train stayed shorter than ``train_s`` and either rose by more than 15 % on the last
-   train or lasted under ``train_s / 4`` is marked a *lower bound* (the link may be faster than this host could measure):
+   ``max_train_bytes`` and ``max_trains`` trains; the final size is sent twice and the faster of the
+   trains that lasted at least ``train_s / 2`` is the reading (on a busy host scheduling delays only
+   slow a train down; a short train can read a burst from a socket buffer as bandwidth). A reading
+   whose longest train stayed shorter than ``train_s`` (the size cap was reached first: a link
+   faster than ``max_train_bytes / train_s``, 670 Mbit/s by default), or during which the receiving
+   process kept more than ``cpu_bound`` of a core busy (the host may have set the pace), is marked a
+   *lower bound* (the link may be faster than this host could measure):
    ``snapshot.meta["lower_bound"][i][j]``; the codec controller never compresses on one.
 3. The per-rank results (outgoing RTTs, incoming bandwidths) are all-gathered, so every rank builds
    the same :class:`LinkMatrixSnapshot`.
@@ -26,6 +30,7 @@ from __future__ import annotations
 
 import logging
 import math
+import resource
 import statistics
 import threading
 import time
@@ -57,6 +62,8 @@ class ProbeConfig:
         train_s: a train shorter than this is repeated, larger (fast links).
         max_train_bytes: the largest train.
         max_trains: trains per link and probe at most.
+        cpu_bound: a reading during which this process used more than this many CPU seconds per second
+            (receiving, in all its threads) is only a lower bound: the host, not the link, may have set the pace.
     """
 
     pings: int = 5
@@ -66,7 +73,8 @@ class ProbeConfig:
     channel: str = "__adapt_probe__"
     train_s: float = 0.2
     max_train_bytes: int = 16 << 20
-    max_trains: int = 4
+    max_trains: int = 6
+    cpu_bound: float = 0.3
 
     def __post_init__(self) -> None:
         if self.pings < 1 or self.train_msgs < 2 or self.train_bytes < self.train_msgs:
@@ -122,11 +130,18 @@ def _send_train(transport: Any, to: int, cfg: ProbeConfig, seq: int, errors: lis
         errors.append(exc)
 
 
+def _cpu_s() -> float:
+    ru = resource.getrusage(resource.RUSAGE_SELF)  # every thread of this process, the transport's I/O thread too
+    return ru.ru_utime + ru.ru_stime
+
+
 def _one_train(transport: Any, frm: int, cfg: ProbeConfig, seq: int, attempt: int, nbytes: int,
-               rtt_frm: float) -> tuple[float, float]:
-    """Asks ``frm`` for a train of ``nbytes`` and times it: (bytes/s, seconds the train took)."""
+               rtt_frm: float) -> tuple[float, float, float]:
+    """Asks ``frm`` for a train of ``nbytes`` and times it: (bytes/s, seconds the train took, CPU seconds
+    this process spent per second meanwhile)."""
     ch = cfg.channel
     size = max(1, nbytes // cfg.train_msgs)
+    cpu0 = _cpu_s()
     t_go = time.monotonic()
     transport.send(frm, envelope.data("probe-go", ch, seq, transport.rank, chunk=attempt, meta={"bytes": nbytes}), [])
     arrivals: list[float] = []
@@ -138,11 +153,12 @@ def _one_train(transport: Any, frm: int, cfg: ProbeConfig, seq: int, attempt: in
         if c == 0:
             first_waited = now - t > _QUEUED_S
         arrivals.append(now)
+    busy = (_cpu_s() - cpu0) / max(arrivals[-1] - t_go, 1e-6)
     disp = arrivals[-1] - arrivals[0]
     if first_waited and disp > 0:
-        return size * (cfg.train_msgs - 1) / disp, disp
+        return size * (cfg.train_msgs - 1) / disp, disp, busy
     span = arrivals[-1] - t_go - rtt_frm
-    return (size * cfg.train_msgs / span if span > 0 else math.inf), max(span, 0.0)
+    return (size * cfg.train_msgs / span if span > 0 else math.inf), max(span, 0.0), busy
 
 
 def _train_round(transport: Any, to: int, frm: int, cfg: ProbeConfig, epoch: int, rnd: int,
@@ -158,15 +174,19 @@ def _train_round(transport: Any, to: int, frm: int, cfg: ProbeConfig, epoch: int
     errors: list[BaseException] = []
     sender = threading.Thread(target=_send_train, args=(transport, to, cfg, seq, errors), name=f"probe-send-{me}", daemon=True)
     sender.start()
-    nbytes, got, rates, spans = cfg.train_bytes, 0, [], []
+    nbytes, got, rates, spans, busy = cfg.train_bytes, 0, [], [], 0.0
+    repeat = False
     try:
         for attempt in range(cfg.max_trains):
-            rate, span = _one_train(transport, frm, cfg, seq, attempt, nbytes, rtt_frm)
+            rate, span, busy = _one_train(transport, frm, cfg, seq, attempt, nbytes, rtt_frm)
             got += nbytes
             rates.append(rate)
             spans.append(span)
-            if span >= cfg.train_s or nbytes >= cfg.max_train_bytes or not math.isfinite(rate):
+            if repeat or not math.isfinite(rate):
                 break
+            if span >= cfg.train_s or nbytes >= cfg.max_train_bytes:
+                repeat = True  # once more at this size: scheduling delays only slow a train down, keep the faster
+                continue
             nbytes = min(cfg.max_train_bytes, int(nbytes * min(16.0, max(2.0, 1.3 * cfg.train_s / max(span, 1e-4)))))
         transport.send(frm, envelope.data("probe-go", cfg.channel, seq, me, chunk=len(rates), meta={"bytes": 0}), [])
     finally:
@@ -175,8 +195,12 @@ def _train_round(transport: Any, to: int, frm: int, cfg: ProbeConfig, epoch: int
         raise errors[0]
     if sender.is_alive():
         raise CommTimeout(f"probe: rank {to} did not ask for its trains within {cfg.timeout:.0f} s")
-    rising = len(rates) > 1 and rates[-1] > 1.15 * rates[-2]
-    return rates[-1], spans[-1] < cfg.train_s and (rising or spans[-1] < cfg.train_s / 4), got
+    logger.debug("trains from rank %d: %s Mbit/s over %s s, receiver busy %.2f", frm, [round(r * 8e-6, 1) for r in rates],
+                 [round(x, 3) for x in spans], busy)
+    long = [r for r, sp in zip(rates, spans) if sp >= cfg.train_s / 2]  # short trains can read bursts as bandwidth
+    reading = max(long) if long else rates[-1]
+    lower = max(spans) < cfg.train_s or busy > cfg.cpu_bound  # at the size cap and still short, or the host set the pace
+    return reading, lower, got
 
 
 def probe_links(transport: Any, ranks: Sequence[int], cfg: ProbeConfig | None = None, epoch: int = 1,
