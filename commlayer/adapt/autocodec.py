@@ -238,6 +238,13 @@ class AutoCodec:
         policy = pol.Policy(self.config.mode, self.config.error_budget, window, step_s=compute, slack=self.config.slack)
         cands = pol.candidates(self.planner.snapshot, nbytes, profiles, cfg.chunk_candidates, cfg.cost)
         best, reason = pol.choose(cands, policy, exact=False)
+        old = next(iter(b.plans.values()), None)
+        if old is not None and old.codec_spec != best.codec.spec and self.config.mode == "auto":
+            same = [c for c in cands if c.codec.spec == old.codec_spec]  # hysteresis: noisy re-probes must not flip codecs
+            keep = min(same, key=pol.Candidate.sort_key) if same else None
+            if keep is not None and pol.time_to_progress(keep, policy) <= (1 + self.config.slack) * pol.time_to_progress(best, policy):
+                reason = f"kept {old.codec_spec or 'exact'}: within {self.config.slack:.0%} of the new best; was: {reason}"
+                best = keep
         lower = self.planner.snapshot.meta.get("lower_bound")
         if best.codec.spec and lower and any(any(row) for row in lower):
             best = min((c for c in cands if not c.codec.spec), key=pol.Candidate.sort_key)

@@ -121,7 +121,7 @@ def choose(cands: Sequence[Candidate], policy: Policy, exact: bool) -> tuple[Can
         pool = [c for c in pool if c.codec.rel_error < 1.0]
 
         def progress(c: Candidate) -> float:
-            return (policy.step_s + max(0.0, c.seconds - policy.compute_s)) / (1.0 - c.codec.rel_error ** 2)
+            return time_to_progress(c, policy)
 
         fastest = min(progress(c) for c in pool)
         ok = [c for c in pool if progress(c) <= fastest * (1 + policy.slack) + 1e-9]
@@ -137,6 +137,11 @@ def choose(cands: Sequence[Candidate], policy: Policy, exact: bool) -> tuple[Can
             return best, _why(f"least error hidden behind {policy.compute_s * 1e3:.1f} ms compute", best, pool)
     best = min(pool, key=Candidate.sort_key)
     return best, _why(f"fastest within error budget {policy.error_budget:g}", best, pool)
+
+
+def time_to_progress(c: Candidate, policy: Policy) -> float:
+    """"auto" mode's price of a candidate: its step (compute plus unhidden communication) / (1 - error^2)."""
+    return (policy.step_s + max(0.0, c.seconds - policy.compute_s)) / max(1e-9, 1.0 - c.codec.rel_error ** 2)
 
 
 def _why(rule: str, best: Candidate, pool: Sequence[Candidate]) -> str:
