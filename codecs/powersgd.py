@@ -7,8 +7,11 @@ previous step (random normal from the shared seed at first)::
     Q = M^T P^;  Q <- allreduce_mean(Q);  M~ = P^ Q^T
 
 Because ``P`` and ``Q`` are linear in ``M`` the two means equal the compression of the mean
-gradient (Alg. 1 of the paper). Tensors that would not shrink (vectors, ``(n+m) r >= n m``) ride
-uncompressed in the ``P`` round. With error feedback (``powersgd:rank=2+ef``, as in the paper's
+gradient (Alg. 1 of the paper). A 1-D tensor of at least ``flat_min`` elements (a flat DDP bucket,
+as the zmq backend sees it) is viewed as a square-ish ``n x m`` matrix, ``n = ceil(sqrt(numel))``,
+zero-padded at the end, as torch's ``batched_powerSGD_hook`` does. Tensors that would not shrink
+(short vectors, ``(n+m) r >= n m``) ride uncompressed in the ``P`` round; :meth:`PowerSGD.why_not`
+says why. With error feedback (``powersgd:rank=2+ef``, as in the paper's
 Alg. 2) the residual is ``M - M~`` with the aggregated ``M~``, as in the reference implementation.
 
 Drive it with :func:`powersgd_allreduce` (any ``allreduce(tensor) -> mean`` callable), or step
@@ -37,15 +40,19 @@ class PowerSGDConfig:
     Attributes:
         rank: ``r``, the rank of the approximation.
         warm_start: reuse the previous step's ``Q`` (the paper's default).
+        flat_min: 1-D tensors of at least this many elements are compressed as a square-ish matrix.
     """
 
     rank: int = 2
     warm_start: bool = True
+    flat_min: int = 1024
 
     def __post_init__(self) -> None:
         validate_config_types(self)
         if self.rank < 1:
             raise ValueError(f"Expected rank >= 1, got {self.rank}")
+        if self.flat_min < 4:
+            raise ValueError(f"Expected flat_min >= 4, got {self.flat_min}")
 
 
 def orthogonalize(p: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
@@ -81,12 +88,44 @@ class PowerSGD(Codec):
         self.q: dict[str, torch.Tensor] = {}
 
     def matrix_shape(self, shape: tuple[int, ...]) -> tuple[int, int, int] | None:
-        """``(n, m, r)`` if a tensor of ``shape`` is worth compressing, else None."""
+        """``(n, m, r)`` if a tensor of ``shape`` is worth compressing, else None.
+
+        N-D tensors are ``shape[0] x prod(shape[1:])``; 1-D tensors of at least ``flat_min``
+        elements ``ceil(sqrt(numel)) x ceil(numel / n)`` (zero-padded, see :meth:`as_matrix`).
+        """
         if len(shape) < 2:
-            return None
-        n, m = shape[0], math.prod(shape[1:])
+            numel = shape[0] if shape else 1
+            if numel < self.config.flat_min:
+                return None
+            n = math.isqrt(numel - 1) + 1
+            m = -(-numel // n)
+        else:
+            n, m = shape[0], math.prod(shape[1:])
         r = min(self.config.rank, n, m)
         return (n, m, r) if (n + m) * r < n * m else None
+
+    def why_not(self, shape: tuple[int, ...]) -> str:
+        """Why a tensor of ``shape`` is sent uncompressed ("" if it is compressed)."""
+        if self.matrix_shape(tuple(shape)) is not None:
+            return ""
+        numel = math.prod(shape)
+        if len(shape) < 2 and numel < self.config.flat_min:
+            return f"a vector of {numel} elements is below flat_min={self.config.flat_min}"
+        return f"rank {self.config.rank} factors of a tensor of shape {tuple(shape)} would not be smaller than the tensor"
+
+    def as_matrix(self, tensor: torch.Tensor, ctx: CodecContext) -> torch.Tensor:
+        """``tensor`` as the ``n x m`` matrix PowerSGD compresses (1-D tensors zero-padded at the end)."""
+        n, m, _ = self.matrix_shape(ctx.shape) or (0, 0, 0)
+        if not n:
+            raise ValueError(f"Expected a compressible matrix shape, got {ctx.shape}")
+        flat = tensor.reshape(-1)
+        if flat.numel() < n * m:
+            flat = torch.cat([flat, flat.new_zeros(n * m - flat.numel())])
+        return flat.view(n, m)
+
+    def from_matrix(self, matrix: torch.Tensor, ctx: CodecContext) -> torch.Tensor:
+        """The inverse of :meth:`as_matrix`: drops the padding, restores ``ctx.shape`` and ``ctx.dtype``."""
+        return matrix.reshape(-1)[: ctx.numel].to(ctx.dtype).reshape(ctx.shape)
 
     def _acc(self, ctx: CodecContext) -> torch.dtype:
         return acc_dtype(ctx.dtype)
@@ -108,7 +147,7 @@ class PowerSGD(Codec):
         q = self.q.get(ctx.key) if self.config.warm_start else None
         if q is None or q.shape != (m, r):
             q = torch.randn(m, r, generator=torch_generator(ctx, "powersgd"), dtype=self._acc(ctx))
-        return matrix.reshape(n, m).to(q.dtype) @ q
+        return self.as_matrix(matrix, ctx).to(q.dtype) @ q
 
     def after_p_allreduce(self, p: torch.Tensor, ctx: CodecContext) -> torch.Tensor:
         """Orthogonalizes the averaged ``P`` (in place)."""
@@ -116,14 +155,13 @@ class PowerSGD(Codec):
 
     def compute_q(self, matrix: torch.Tensor, p_hat: torch.Tensor, ctx: CodecContext) -> torch.Tensor:
         """``Q = M^T P^`` (m x r)."""
-        n, m, _ = self.matrix_shape(ctx.shape)  # type: ignore[misc]
-        return matrix.reshape(n, m).to(p_hat.dtype).T @ p_hat
+        return self.as_matrix(matrix, ctx).to(p_hat.dtype).T @ p_hat
 
     def decompress(self, p_hat: torch.Tensor, q: torch.Tensor, ctx: CodecContext) -> torch.Tensor:
         """``P^ Q^T`` in ``ctx.shape`` / ``ctx.dtype``; keeps the (averaged) ``Q`` for warm start."""
         if self.config.warm_start:
             self.q[ctx.key] = q.clone()
-        return (p_hat @ q.T).to(ctx.dtype).reshape(ctx.shape)
+        return self.from_matrix(p_hat @ q.T, ctx)
 
     # --- single-worker codec view ---
     def encode(self, tensor: torch.Tensor, ctx: CodecContext) -> Encoded:
@@ -146,7 +184,7 @@ class PowerSGD(Codec):
             raise ValueError(f"Malformed powersgd payload: expected 2 buffers, got {len(encoded.buffers)}")
         p = from_buffer(encoded.buffers[0], torch.float32, n * r, "powersgd P").view(n, r)
         q = from_buffer(encoded.buffers[1], torch.float32, m * r, "powersgd Q").view(m, r)
-        return (p @ q.T).to(ctx.dtype).reshape(ctx.shape)
+        return self.from_matrix(p @ q.T, ctx)
 
     def wire_bytes(self, numel: int, dtype: torch.dtype) -> int:
         """Upper bound (a tensor sent raw as float32); :meth:`matrix_wire_bytes` is exact per shape."""
@@ -241,3 +279,12 @@ def powersgd_allreduce(
             t = gen.send(allreduce(t))
     except StopIteration as stop:
         return stop.value
+
+
+def shape_wire_bytes(codec: Codec, shape: tuple[int, ...], dtype: torch.dtype) -> int:
+    """Payload bytes one rank sends for a tensor of ``shape``: exact per shape for PowerSGD (also inside
+    error feedback), ``codec.wire_bytes`` for every other codec."""
+    inner = getattr(codec, "inner", codec)
+    if isinstance(inner, PowerSGD):
+        return inner.matrix_wire_bytes(tuple(shape))
+    return int(codec.wire_bytes(math.prod(shape), dtype))

@@ -100,7 +100,8 @@ SETTINGS: dict[str, Setting] = {
         # per group
         Setting("COMMLAYER_ALGO", str, "auto", "group", "all_reduce algorithm: `auto` (measured links + cost model on a default group "
                 "of 3+ ranks whose peers are reached over the network; size rule otherwise) or a name of commlayer.topologies.registry: `ring`, `tree`, `chain`, `ps`", readme=True),
-        Setting("COMMLAYER_CODEC", str, "", "group", "codec spec for float all_reduce SUM/AVG, e.g. `topk:ratio=0.01+ef` (empty = exact)", readme=True),
+        Setting("COMMLAYER_CODEC", str, "", "group", "codec spec for float all_reduce SUM/AVG, e.g. `topk:ratio=0.01+ef` (empty = exact); "
+                "`auto` = the controller picks per bucket from the measured links and compute (commlayer.adapt.autocodec)", readme=True),
         Setting("COMMLAYER_CODEC_MIN_BYTES", int, 64 * 1024, "group", "tensors below this size stay exact", readme=True),
         Setting("COMMLAYER_CHUNK_BYTES", int, 1 << 20, "group", "ring pipeline chunk in bytes", readme=True),
         Setting("COMMLAYER_RING_ORDER", str, "", "group", "ring order, comma-separated group ranks (empty = identity)", readme=True),
@@ -115,7 +116,18 @@ SETTINGS: dict[str, Setting] = {
         Setting("COMMLAYER_FLEET_RELAY", str, "", "fleet", "host:port of a fleet relay's backend this peer dials out to (peers behind NAT)"),
         # adaptation
         Setting("COMMLAYER_ADAPT", str, "auto", "adapt", "link probing + planner: auto = when some peer is remote, 1 = always, 0 = never", readme=True),
-        Setting("COMMLAYER_METRICS", str, "", "adapt", "JSON-lines file for the controller's measurements and decisions", readme=True),
+        Setting("COMMLAYER_METRICS", str, "", "adapt", "JSON-lines file for the controller's measurements and decisions "
+                "(`{rank}` = the rank; `COMMLAYER_CODEC=auto` writes `auto_plan` and `auto_step` events: choice per bucket and why, "
+                "bytes per step, compute utilization)", readme=True),
+        Setting("COMMLAYER_ADAPT_POLICY", str, "auto", "adapt", "`COMMLAYER_CODEC=auto` policy: `auto` (least error within 10 % of the "
+                "fastest step), `hide` (least error that the overlappable compute hides), `error_budget` (fastest within the budget), "
+                "`exact`", readme=True),
+        Setting("COMMLAYER_ERROR_BUDGET", float, 0.9, "adapt", "`COMMLAYER_CODEC=auto`: largest one-step relative error "
+                "||C(g) - g|| / ||g|| of an admitted codec, measured on the real bucket (error feedback re-sends the rest later)", readme=True),
+        Setting("COMMLAYER_COMPUTE_S", float, 0.0, "adapt", "`COMMLAYER_CODEC=auto`: overlappable compute per bucket in seconds "
+                "(0 = measured between bucket arrivals)"),
+        Setting("COMMLAYER_AUTO_CODECS", str, "", "adapt", "`COMMLAYER_CODEC=auto`: ';'-separated candidate codec specs "
+                "(empty = fp16, int8+ef, powersgd ranks 32/8/2 +ef, topk 1 % / 0.1 % +ef)"),
         # tools (CLI, demo, emulator, tests)
         Setting("COMMLAYER_LOG", str, "WARNING", "tools", "log level of the demo's ranks"),
         Setting("COMMLAYER_WAN_LINKS", str, "", "tools", "set by the WAN emulator for each rank: the emulated link matrix's name (informational)"),

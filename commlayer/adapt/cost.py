@@ -52,6 +52,8 @@ class CodecProfile:
         rel_error: ||decode(encode(x)) - x|| / ||x|| on a Gaussian tensor.
         linear: payloads can be summed (ring all-reduce); otherwise all-gather + decode each.
         elem_scale: reduction cost of the summable payload relative to the raw tensor.
+        rounds: sequential all-reduces of a linear codec (PowerSGD: 2, of P then Q), each of
+            ``ratio / rounds`` of the bytes and each paying the algorithm's latency.
     """
 
     spec: str
@@ -61,6 +63,7 @@ class CodecProfile:
     rel_error: float = 0.0
     linear: bool = True
     elem_scale: float = 1.0
+    rounds: int = 1
 
 
 EXACT = CodecProfile("")
@@ -83,7 +86,8 @@ def allreduce_time(s: LinkMatrixSnapshot, nbytes: float, algo: str, order: Seque
     enc = nbytes / codec.encode_Bps
     if codec.linear:
         dec = nbytes / codec.decode_Bps
-        return enc + a.cost(s, wire, order, chunk_bytes, params, codec.elem_scale / max(codec.ratio, 1e-9)) + dec
+        k = max(1, codec.rounds)
+        return enc + k * a.cost(s, wire / k, order, chunk_bytes, params, codec.elem_scale / max(codec.ratio, 1e-9)) + dec
     if a.gather == "ring":
         gather = ring_allgather_time(s, wire, order if a.uses_order else None, chunk_bytes, params)
     else:

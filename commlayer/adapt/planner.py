@@ -88,7 +88,10 @@ class PlannerConfig:
     Attributes:
         policy: what "best" means (see :mod:`commlayer.adapt.policy`).
         chunk_candidates: ring chunk sizes considered.
-        drift_threshold: re-probe when any rank's smoothed measured/predicted time leaves [1/(1+t), 1+t].
+        drift_threshold: re-probe when any rank's smoothed measured/predicted time leaves [1/(1+t), 1+t]...
+        drift_min_s: ...and the smoothed measured time is more than this many seconds off the prediction (on
+            fast links a loaded CPU makes every collective take several times its prediction, a few ms each:
+            re-probing would not change the plan, only cost probes).
         probe_budget: fraction of collective time that periodic re-probes may take (0.01 = 1 %).
         min_reprobe_steps: at least this many steps between drift-triggered re-probes.
         weight: EWMA weight of a new observation.
@@ -102,6 +105,7 @@ class PlannerConfig:
     policy: pol.Policy = field(default_factory=pol.Policy)
     chunk_candidates: tuple[int, ...] = (64 << 10, 256 << 10, 1 << 20, 4 << 20)
     drift_threshold: float = 0.5
+    drift_min_s: float = 0.05
     probe_budget: float = 0.01
     min_reprobe_steps: int = 3
     weight: float = 0.5
@@ -135,6 +139,7 @@ class Planner:
         self._epoch = 0
         self._cache: dict[tuple, Plan] = {}
         self._ratio = Ewma(self.config.weight)
+        self._excess = Ewma(self.config.weight)
         self._calls = 0
         self._last_probe_call = 0
         self._backoff = self.config.min_reprobe_steps
@@ -166,6 +171,7 @@ class Planner:
         self.version += 1
         self._cache.clear()
         self._ratio = Ewma(self.config.weight)
+        self._excess = Ewma(self.config.weight)
         self._last_probe_call = self._calls
         self.replans.append({"version": self.version, "call": self._calls, "why": why})
         self.metrics.emit("replan", version=self.version, why=why, probe_s=res.seconds, links=res.snapshot.as_dict()["links"])
@@ -208,6 +214,7 @@ class Planner:
         self._collective_s += seconds
         if plan.version == self.version and plan.predicted_s > 0:
             self._ratio.update(seconds / plan.predicted_s)
+            self._excess.update(seconds - plan.predicted_s)
         self.metrics.emit("collective", plan=plan.tag, nbytes=nbytes, seconds=seconds, predicted_s=plan.predicted_s,
                           achieved_mbit=nbytes * 8e-6 / seconds if seconds > 0 else None, **(extra or {}))
 
@@ -217,7 +224,8 @@ class Planner:
         call = self._calls
         self._calls += 1
         r = self._ratio.mean if self._ratio.n else 1.0
-        mine = [float(step), r, float(self._ratio.n), self._collective_s, float(self.version), self._probe_s]
+        excess = abs(self._excess.mean) if self._excess.n else 0.0
+        mine = [float(step), r, float(self._ratio.n), self._collective_s, float(self.version), self._probe_s, excess]
         send_vector(self.transport, self.ranks, cfg.channel, call, mine, op="adapt-drift")
         if call == 0:
             self._prev = mine
@@ -229,7 +237,7 @@ class Planner:
                             f"{[row[4] for row in rows]}; every rank must call maybe_replan once per step")
         if rows[0][4] != self.version:  # a re-probe happened since those were sent: they describe the old plan
             return False
-        ratios = [row[1] for row in rows if row[2] > 0]
+        ratios = [row[1] for row in rows if row[2] > 0 and row[6] > cfg.drift_min_s]
         worst = max(ratios, key=lambda x: abs(math.log(max(x, 1e-9)))) if ratios else 1.0
         since = call - self._last_probe_call
         why = ""

@@ -10,7 +10,15 @@ picks one:
 * ``exact``: the fastest exact configuration;
 * ``error_budget``: the fastest whose measured relative error is <= ``error_budget``;
 * ``hide``: the least lossy configuration whose predicted time fits in ``compute_s`` (the compute
-  it can overlap with); if none fits, the fastest within the error budget.
+  it can overlap with); if none fits, the fastest within the error budget;
+* ``auto`` (``COMMLAYER_CODEC=auto``): prices each configuration's *time to equal progress*: its
+  step (``step_s`` of compute plus the communication that ``compute_s`` of overlappable compute
+  cannot hide) divided by ``delta = 1 - e^2``, where ``e`` is the codec's measured one-step
+  relative error (a compressor with ``||C(x) - x||^2 <= (1 - delta) ||x||^2`` needs up to
+  ``1/delta`` times the steps under error feedback: Stich & Karimireddy 2019). It takes the least
+  lossy configuration within ``slack`` of the best. Exact has no error and ``delta = 1``, so it
+  wins whenever compressing would not pay by more than ``slack``: on a fast link it is never
+  slower than exact.
 
 Ties (within 1e-9 s) break on a fixed order, so every rank picks the same candidate.
 """
@@ -26,7 +34,7 @@ from commlayer.adapt.estimator import LinkMatrixSnapshot
 from commlayer.adapt.ringorder import best_ring_order, bottleneck
 from commlayer.topologies import registry
 
-MODES = ("exact", "error_budget", "hide")
+MODES = ("exact", "error_budget", "hide", "auto")
 DEFAULT_CODECS = ("fp16", "bf16", "int8", "qsgd:levels=127,bucket=512")
 
 
@@ -35,22 +43,27 @@ class Policy:
     """What the controller optimises.
 
     Attributes:
-        mode: "exact", "error_budget" or "hide".
+        mode: "exact", "error_budget", "hide" or "auto".
         error_budget: largest relative error ||decode(encode(x)) - x|| / ||x|| allowed for lossy codecs.
-        compute_s: seconds of compute the all-reduce can hide behind ("hide" mode).
+        compute_s: seconds of compute the all-reduce can hide behind ("hide" and "auto" modes).
         codecs: codec specs considered when a lossy plan is allowed.
+        step_s: compute seconds of one training step ("auto": the base of every candidate's step).
+        slack: "auto": a candidate whose step is within this fraction of the fastest one is "as fast".
     """
 
     mode: str = "exact"
     error_budget: float = 0.0
     compute_s: float = 0.0
     codecs: tuple[str, ...] = DEFAULT_CODECS
+    step_s: float = 0.0
+    slack: float = 0.1
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise ValueError(f"Expected policy mode in {MODES}, got {self.mode!r}")
-        if self.error_budget < 0 or self.compute_s < 0:
-            raise ValueError(f"Expected error_budget >= 0 and compute_s >= 0, got {self.error_budget}, {self.compute_s}")
+        if self.error_budget < 0 or self.compute_s < 0 or self.step_s < 0 or self.slack < 0:
+            raise ValueError(f"Expected error_budget, compute_s, step_s and slack >= 0, got {self.error_budget}, "
+                             f"{self.compute_s}, {self.step_s}, {self.slack}")
 
 
 @dataclass(frozen=True)
@@ -104,6 +117,19 @@ def choose(cands: Sequence[Candidate], policy: Policy, exact: bool) -> tuple[Can
         best = min(pool, key=Candidate.sort_key)
         return best, _why("fastest exact", best, pool)
     pool = [c for c in cands if not c.codec.spec or c.codec.rel_error <= policy.error_budget]
+    if policy.mode == "auto":
+        pool = [c for c in pool if c.codec.rel_error < 1.0]
+
+        def progress(c: Candidate) -> float:
+            return time_to_progress(c, policy)
+
+        fastest = min(progress(c) for c in pool)
+        ok = [c for c in pool if progress(c) <= fastest * (1 + policy.slack) + 1e-9]
+        best = min(ok, key=lambda c: (c.codec.rel_error, c.sort_key()))
+        return best, _why(f"least error within {policy.slack:.0%} of the best time to equal progress "
+                          f"({progress(best) * 1e3:.1f} ms/step-equivalent: {policy.step_s * 1e3:.1f} ms compute, "
+                          f"{policy.compute_s * 1e3:.1f} ms of it overlappable, error {best.codec.rel_error:.3g}; "
+                          f"budget {policy.error_budget:g})", best, pool)
     if policy.mode == "hide" and policy.compute_s > 0:
         fits = [c for c in pool if c.seconds <= policy.compute_s]
         if fits:
@@ -111,6 +137,11 @@ def choose(cands: Sequence[Candidate], policy: Policy, exact: bool) -> tuple[Can
             return best, _why(f"least error hidden behind {policy.compute_s * 1e3:.1f} ms compute", best, pool)
     best = min(pool, key=Candidate.sort_key)
     return best, _why(f"fastest within error budget {policy.error_budget:g}", best, pool)
+
+
+def time_to_progress(c: Candidate, policy: Policy) -> float:
+    """"auto" mode's price of a candidate: its step (compute plus unhidden communication) / (1 - error^2)."""
+    return (policy.step_s + max(0.0, c.seconds - policy.compute_s)) / max(1e-9, 1.0 - c.codec.rel_error ** 2)
 
 
 def _why(rule: str, best: Candidate, pool: Sequence[Candidate]) -> str:

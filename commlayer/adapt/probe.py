@@ -7,10 +7,21 @@ A probe is collective: every rank of the group calls :func:`probe_links` with th
    scheduling delays on a busy host only ever add time; on jittery links this reads ~0.7 sd low).
 2. Bandwidth: ``p - 1`` rounds; in round r group rank g sends a train to ``g + r`` and receives one
    from ``g - r`` (a permutation, so each rank uses one uplink and one downlink at a time, as a
-   ring step does). The receiver asks for its train ("go") and times it (a helper thread sends this
-   rank's own train, so the receiver is reading when its train arrives): if it was already waiting
-   when the first message arrived, bandwidth = bytes after the first message / (last - first
-   arrival) (packet-train dispersion); otherwise bytes / (time since go - RTT).
+   ring step does). The receiver asks for its train ("go", carrying the train's size) and times it
+   (a helper thread sends this rank's own train, so the receiver is reading when its train
+   arrives): if it was already waiting when the first message arrived, bandwidth = bytes after the
+   first message / (last - first arrival) (packet-train dispersion); otherwise bytes / (time since
+   go - RTT). A train shorter than ``train_s`` is dominated by scheduling noise on a busy host (a
+   64 KiB message at 200 Mbit/s takes 2.6 ms, a time slice of a loaded core more): the receiver
+   asks again with a train sized to last ``train_s`` at the rate just read, up to
+   ``max_train_bytes`` and ``max_trains`` trains; the final size is sent twice and the faster of the
+   trains that lasted at least ``train_s / 2`` is the reading (on a busy host scheduling delays only
+   slow a train down; a short train can read a burst from a socket buffer as bandwidth). A reading
+   whose longest train stayed shorter than ``train_s`` (the size cap was reached first: a link
+   faster than ``max_train_bytes / train_s``, 670 Mbit/s by default), or during which the receiving
+   process kept more than ``cpu_bound`` of a core busy (the host may have set the pace), is marked a
+   *lower bound* (the link may be faster than this host could measure):
+   ``snapshot.meta["lower_bound"][i][j]``; the codec controller never compresses on one.
 3. The per-rank results (outgoing RTTs, incoming bandwidths) are all-gathered, so every rank builds
    the same :class:`LinkMatrixSnapshot`.
 """
@@ -19,6 +30,7 @@ from __future__ import annotations
 
 import logging
 import math
+import resource
 import statistics
 import threading
 import time
@@ -47,6 +59,11 @@ class ProbeConfig:
         train_msgs: messages per train (>= 2; dispersion needs two).
         timeout: seconds for any wait.
         channel: transport channel reserved for probes.
+        train_s: a train shorter than this is repeated, larger (fast links).
+        max_train_bytes: the largest train.
+        max_trains: trains per link and probe at most.
+        cpu_bound: a reading during which this process used more than this many CPU seconds per second
+            (receiving, in all its threads) is only a lower bound: the host, not the link, may have set the pace.
     """
 
     pings: int = 5
@@ -54,10 +71,16 @@ class ProbeConfig:
     train_msgs: int = 8
     timeout: float = 60.0
     channel: str = "__adapt_probe__"
+    train_s: float = 0.2
+    max_train_bytes: int = 16 << 20
+    max_trains: int = 6
+    cpu_bound: float = 0.3
 
     def __post_init__(self) -> None:
         if self.pings < 1 or self.train_msgs < 2 or self.train_bytes < self.train_msgs:
             raise ValueError(f"Expected pings >= 1, train_msgs >= 2 and train_bytes >= train_msgs, got {self}")
+        if self.max_trains < 1 or self.max_train_bytes < self.train_bytes or self.train_s < 0:
+            raise ValueError(f"Expected max_trains >= 1, max_train_bytes >= train_bytes and train_s >= 0, got {self}")
 
 
 @dataclass(frozen=True)
@@ -92,52 +115,92 @@ def measure_rtts(transport: Any, ranks: Sequence[int], cfg: ProbeConfig, epoch: 
 
 
 def _send_train(transport: Any, to: int, cfg: ProbeConfig, seq: int, errors: list[BaseException]) -> None:
-    """Waits for ``to``'s go, then sends it the train (runs on a helper thread)."""
+    """Answers each of ``to``'s go messages with a train of the size it asks for; stops at size 0 (helper thread)."""
     try:
-        size = cfg.train_bytes // cfg.train_msgs
-        payload = bytes(size)
-        transport.recv(cfg.channel, seq, 0, 0, to, cfg.timeout, f"probe go from rank {to}")
-        for c in range(cfg.train_msgs):
-            transport.send(to, envelope.data("probe-train", cfg.channel, seq, transport.rank, step=1, chunk=c), [payload])
+        for attempt in range(cfg.max_trains + 1):
+            go = transport.recv(cfg.channel, seq, 0, attempt, to, cfg.timeout, f"probe go #{attempt} from rank {to}")
+            nbytes = int(go.header.meta.get("bytes", 0))
+            if nbytes <= 0:
+                return
+            payload = bytes(max(1, nbytes // cfg.train_msgs))
+            for c in range(cfg.train_msgs):
+                transport.send(to, envelope.data("probe-train", cfg.channel, seq, transport.rank, step=1 + attempt, chunk=c),
+                               [payload])
     except BaseException as exc:  # reported by the caller
         errors.append(exc)
 
 
-def _train_round(transport: Any, to: int, frm: int, cfg: ProbeConfig, epoch: int, rnd: int, rtt_frm: float) -> float:
-    """One bandwidth round: send a train to ``to`` when it asks, time the train from ``frm``. Returns B/s.
+def _cpu_s() -> float:
+    ru = resource.getrusage(resource.RUSAGE_SELF)  # every thread of this process, the transport's I/O thread too
+    return ru.ru_utime + ru.ru_stime
 
-    Sending runs on a helper thread so this thread is already reading when the train arrives,
-    whatever the other ranks' progress (a late reader would see the train as one burst).
+
+def _one_train(transport: Any, frm: int, cfg: ProbeConfig, seq: int, attempt: int, nbytes: int,
+               rtt_frm: float) -> tuple[float, float, float]:
+    """Asks ``frm`` for a train of ``nbytes`` and times it: (bytes/s, seconds the train took, CPU seconds
+    this process spent per second meanwhile)."""
+    ch = cfg.channel
+    size = max(1, nbytes // cfg.train_msgs)
+    cpu0 = _cpu_s()
+    t_go = time.monotonic()
+    transport.send(frm, envelope.data("probe-go", ch, seq, transport.rank, chunk=attempt, meta={"bytes": nbytes}), [])
+    arrivals: list[float] = []
+    first_waited = False
+    for c in range(cfg.train_msgs):
+        t = time.monotonic()
+        transport.recv(ch, seq, 1 + attempt, c, frm, cfg.timeout, f"probe train {attempt}.{c} from rank {frm}")
+        now = time.monotonic()
+        if c == 0:
+            first_waited = now - t > _QUEUED_S
+        arrivals.append(now)
+    busy = (_cpu_s() - cpu0) / max(arrivals[-1] - t_go, 1e-6)
+    disp = arrivals[-1] - arrivals[0]
+    if first_waited and disp > 0:
+        return size * (cfg.train_msgs - 1) / disp, disp, busy
+    span = arrivals[-1] - t_go - rtt_frm
+    return (size * cfg.train_msgs / span if span > 0 else math.inf), max(span, 0.0), busy
+
+
+def _train_round(transport: Any, to: int, frm: int, cfg: ProbeConfig, epoch: int, rnd: int,
+                 rtt_frm: float) -> tuple[float, bool, int]:
+    """One bandwidth round: send trains to ``to`` as it asks, time trains from ``frm``.
+
+    Returns (B/s of the last train, whether that is only a lower bound, bytes received). Sending
+    runs on a helper thread so this thread is already reading when a train arrives, whatever the
+    other ranks' progress (a late reader would see the train as one burst).
     """
-    me, ch = transport.rank, cfg.channel
+    me = transport.rank
     seq = _seq(epoch, 1, rnd)
-    size = cfg.train_bytes // cfg.train_msgs
     errors: list[BaseException] = []
     sender = threading.Thread(target=_send_train, args=(transport, to, cfg, seq, errors), name=f"probe-send-{me}", daemon=True)
     sender.start()
+    nbytes, got, rates, spans, busy = cfg.train_bytes, 0, [], [], 0.0
+    repeat = False
     try:
-        t_go = time.monotonic()
-        transport.send(frm, envelope.data("probe-go", ch, seq, me), [])
-        arrivals: list[float] = []
-        first_waited = False
-        for c in range(cfg.train_msgs):
-            t = time.monotonic()
-            transport.recv(ch, seq, 1, c, frm, cfg.timeout, f"probe train {c} from rank {frm}")
-            now = time.monotonic()
-            if c == 0:
-                first_waited = now - t > _QUEUED_S
-            arrivals.append(now)
+        for attempt in range(cfg.max_trains):
+            rate, span, busy = _one_train(transport, frm, cfg, seq, attempt, nbytes, rtt_frm)
+            got += nbytes
+            rates.append(rate)
+            spans.append(span)
+            if repeat or not math.isfinite(rate):
+                break
+            if span >= cfg.train_s or nbytes >= cfg.max_train_bytes:
+                repeat = True  # once more at this size: scheduling delays only slow a train down, keep the faster
+                continue
+            nbytes = min(cfg.max_train_bytes, int(nbytes * min(16.0, max(2.0, 1.3 * cfg.train_s / max(span, 1e-4)))))
+        transport.send(frm, envelope.data("probe-go", cfg.channel, seq, me, chunk=len(rates), meta={"bytes": 0}), [])
     finally:
         sender.join(cfg.timeout)
     if errors:
         raise errors[0]
     if sender.is_alive():
-        raise CommTimeout(f"probe: rank {to} did not ask for its train within {cfg.timeout:.0f} s")
-    disp = arrivals[-1] - arrivals[0]
-    if first_waited and disp > 0:
-        return size * (cfg.train_msgs - 1) / disp
-    span = arrivals[-1] - t_go - rtt_frm
-    return size * cfg.train_msgs / span if span > 0 else math.inf
+        raise CommTimeout(f"probe: rank {to} did not ask for its trains within {cfg.timeout:.0f} s")
+    logger.debug("trains from rank %d: %s Mbit/s over %s s, receiver busy %.2f", frm, [round(r * 8e-6, 1) for r in rates],
+                 [round(x, 3) for x in spans], busy)
+    long = [r for r, sp in zip(rates, spans) if sp >= cfg.train_s / 2]  # short trains can read bursts as bandwidth
+    reading = max(long) if long else rates[-1]
+    lower = max(spans) < cfg.train_s or busy > cfg.cpu_bound  # at the size cap and still short, or the host set the pace
+    return reading, lower, got
 
 
 def probe_links(transport: Any, ranks: Sequence[int], cfg: ProbeConfig | None = None, epoch: int = 1,
@@ -169,13 +232,15 @@ def probe_links(transport: Any, ranks: Sequence[int], cfg: ProbeConfig | None = 
         rtt_row[ranks.index(r)] = sorted(xs)[len(xs) // 4]  # lower quartile: scheduling delays only add
         sd_row[ranks.index(r)] = statistics.pstdev(xs) if len(xs) > 1 else 0.0
     bw_col = [math.inf] * p  # bandwidth of links INTO this rank
+    lb_col = [0.0] * p  # 1.0: that bandwidth is only a lower bound
     sent = 0
     if bandwidth:
         for rnd in range(1, p):
             to, frm = (g + rnd) % p, (g - rnd) % p
-            bw_col[frm] = _train_round(transport, ranks[to], ranks[frm], cfg, epoch, rnd, rtt_row[frm])
-            sent += cfg.train_bytes
-    rows = allgather_vector(transport, ranks, cfg.channel, _seq(epoch, 2, 0), rtt_row + sd_row + bw_col, cfg.timeout,
+            bw, lower, got = _train_round(transport, ranks[to], ranks[frm], cfg, epoch, rnd, rtt_row[frm])
+            bw_col[frm], lb_col[frm] = bw, 1.0 if lower else 0.0
+            sent += got
+    rows = allgather_vector(transport, ranks, cfg.channel, _seq(epoch, 2, 0), rtt_row + sd_row + bw_col + lb_col, cfg.timeout,
                             op="probe-result")
     rtt = [r[:p] for r in rows]
     sd = [r[p:2 * p] for r in rows]
@@ -183,6 +248,7 @@ def probe_links(transport: Any, ranks: Sequence[int], cfg: ProbeConfig | None = 
     # rows[j][2p + i] is bandwidth i -> j as measured by receiver j
     beta = [[math.inf if i == j else rows[j][2 * p + i] for j in range(p)] for i in range(p)]
     snap = LinkMatrixSnapshot.from_lists(alpha, beta, epoch)
+    snap.meta["lower_bound"] = tuple(tuple(i != j and rows[j][3 * p + i] > 0.5 for j in range(p)) for i in range(p))
     if state is not None:
         for i in range(p):
             for j in range(p):

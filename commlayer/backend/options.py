@@ -18,7 +18,8 @@ class ZmqOptions:
             ("ring", "tree", "chain", "ps"); exact and compressed all-reduces both use it. ``COMMLAYER_ALGO``.
         chunk_bytes: pipeline chunk of ring/chain algorithms. ``COMMLAYER_CHUNK_BYTES``.
         ring_order: optional ring order (a permutation of group ranks), e.g. to avoid slow links.
-        codec: gradient codec spec for floating-point all_reduce SUM/AVG ("" = exact). ``COMMLAYER_CODEC``.
+        codec: gradient codec spec for floating-point all_reduce SUM/AVG ("" = exact; "auto" = chosen per
+            bucket by :mod:`commlayer.adapt.autocodec`). ``COMMLAYER_CODEC``.
         codec_min_bytes: tensors below this size stay exact. ``COMMLAYER_CODEC_MIN_BYTES``.
     """
 

@@ -79,6 +79,11 @@ class ProcessGroupZMQ(dist.ProcessGroup):
         return self.rt.compression
 
     @property
+    def autocodec(self) -> Any:
+        """The ``codec="auto"`` controller (:class:`commlayer.adapt.autocodec.AutoCodec`) or None."""
+        return self.rt.autocodec.controller if self.rt.autocodec is not None else None
+
+    @property
     def adaptive(self) -> Any:
         return self.rt.adaptive
 

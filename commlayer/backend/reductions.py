@@ -36,6 +36,15 @@ class Reductions:
         op, factor = translate_op(opts.reduceOp)
         flat = Flat(tensors)
         check_op(op, flat.buf.dtype)
+        auto = rt.autocodec
+        if auto is not None and auto.applies(op, flat.buf, factor):
+            ticket = auto.issue(flat.buf)  # numbered and timed now, in issue order
+
+            def chosen(comm: OpComm) -> None:
+                auto.run(comm, flat.buf, op, ticket)
+                flat.commit()
+
+            return rt.run(name, list(tensors), chosen, opts)
         comp = rt.compression
         if comp is not None and comp.applies(op, flat.buf, factor):
             ctx = comp.context(flat.buf)  # numbered now, in issue order

@@ -16,7 +16,7 @@ from typing import Callable, Protocol
 import torch
 
 from commlayer.backend import adaptive
-from commlayer.backend.adaptive import AdaptiveAllreduce
+from commlayer.backend.adaptive import AdaptiveAllreduce, AutoCodecAllreduce
 from commlayer.backend.compression import BackendCompression
 from commlayer.backend.executor import Executor
 from commlayer.backend.options import ZmqOptions
@@ -53,9 +53,12 @@ class GroupRuntime:
         self.error: BaseException | None = None
         self.closed = False
         self.executor = Executor(group.channel)
-        self.compression = BackendCompression(options.codec, options.codec_min_bytes) if options.codec else None
+        auto = options.codec == "auto"
+        self.compression = BackendCompression(options.codec, options.codec_min_bytes) if options.codec and not auto else None
         self.adaptive = (AdaptiveAllreduce(self.transport, group.ranks, group.channel, self.timeout)
                          if default_group and adaptive.wanted(options, group.size, self.transport) else None)
+        self.autocodec = (AutoCodecAllreduce(self.transport, group.ranks, group.channel, self.timeout, options.codec_min_bytes,
+                                             self.adaptive) if auto and group.size > 1 else None)
         self.transport.add_failure_listener(self._on_peer_failure)
 
     @property
@@ -140,6 +143,8 @@ class GroupRuntime:
         self.closed = True
         self.transport.remove_failure_listener(self._on_peer_failure)
         self.executor.stop()
+        if self.autocodec is not None:
+            self.autocodec.close()
         if self.adaptive is not None:
             self.adaptive.close()
         if owns_transport:

@@ -9,7 +9,9 @@ The ranks run the measurement layer's collective probe (:func:`commlayer.adapt.p
 ranks agreeing on the result) over a bare zmq transport, behind the WAN emulator's relays when
 ``--links`` names a profile or a link-matrix file (relay mode: it shapes commlayer's transport,
 which is what is measured). ``--json`` prints one ``{"event": "links", ...}`` object per link (the
-format of the metrics files); ``--prometheus`` prints exposition text.
+format of the metrics files); ``--prometheus`` prints exposition text. A bandwidth the probe could
+only bound from below (its trains stayed too short on this host, see :mod:`commlayer.adapt.probe`)
+is printed as ``>= X`` and carries ``"lower_bound": true`` in JSON.
 """
 
 from __future__ import annotations
@@ -45,11 +47,12 @@ def _rank_main(rank: int, world: int, train_bytes: int, pings: int, timeout: flo
     g = connect(rank, world, timeout=timeout)
     try:
         state = LinkState(rank, world)
-        probe_links(g.transport, g.ranks, ProbeConfig(pings=pings, train_bytes=train_bytes, timeout=timeout), 1, state)
+        res = probe_links(g.transport, g.ranks, ProbeConfig(pings=pings, train_bytes=train_bytes, timeout=timeout), 1, state)
         barrier(g)
     finally:
         g.transport.close()
-    return [e.as_dict() for e in state.estimates()]
+    lower = res.snapshot.meta.get("lower_bound")
+    return [{**e.as_dict(), "lower_bound": bool(lower[e.src][e.dst]) if lower else False} for e in state.estimates()]
 
 
 def run_probe(nproc: int, links: str | None = None, train_bytes: int = 512 << 10, pings: int = 5,
@@ -97,7 +100,9 @@ def run(args: argparse.Namespace) -> int:
                 rec.update(configured_latency_ms=cfg.delay_ms, configured_mbit=cfg.rate_mbit)
             print(json.dumps(rec))
         else:
-            line = f"{e['src']:>3} -> {e['dst']:<3} latency {e['latency_ms']:8.2f} ms   bandwidth {e['bandwidth_mbit']:9.2f} Mbit/s"
+            bound = ">=" if e.get("lower_bound") else "  "
+            line = (f"{e['src']:>3} -> {e['dst']:<3} latency {e['latency_ms']:8.2f} ms   bandwidth {bound}{e['bandwidth_mbit']:9.2f} "
+                    f"Mbit/s")
             if cfg is not None:
                 line += f"   (emulated {cfg.delay_ms:.1f} ms, {cfg.rate_mbit:g} Mbit/s)"
             print(line)
