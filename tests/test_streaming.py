@@ -31,7 +31,6 @@ CASES = {  # name: (period, fragments, delay, mixing, codec)
     "qsgd4bit_ef": (6, 3, 2, 0.25, "qsgd:levels=7+ef"),
     "topk_ef_full_delay": (3, 1, 3, 0.5, "topk:ratio=0.3+ef"),
 }
-pytestmark = pytest.mark.integration
 
 
 def _data(rank: int, step: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -179,8 +178,35 @@ def test_compressed_pseudo_gradients_are_smaller_and_residuals_bounded(results: 
     assert got["exact_two_fragments"]["residual_bytes"] == 0
 
 
+# --- configuration (one process) -----------------------------------------------------------------
+
+@pytest.mark.unit
+def test_fragments_are_contiguous_balanced_and_never_empty() -> None:
+    assert fragment_bounds([4, 3, 1], 2) == [(0, 1), (1, 3)]
+    assert fragment_bounds([10, 10, 10, 10], 4) == [(0, 1), (1, 2), (2, 3), (3, 4)]
+    assert fragment_bounds([1, 1, 100], 3) == [(0, 1), (1, 2), (2, 3)]  # forced cuts keep one parameter each
+    assert fragment_bounds([5, 5, 5], 1) == [(0, 3)]
+    with pytest.raises(ValueError, match="at most 3 fragments"):
+        fragment_bounds([1, 2, 3], 4)
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("kwargs,match", [
+    ({"period": 2, "fragments": 4}, "period: expected >= fragments"),
+    ({"period": "often"}, "expected an integer or 'auto'"),
+    ({"period": 8, "delay": 9}, "0 <= delay <= period"),
+    ({"mixing": 1.0}, "0 <= mixing < 1"),
+    ({"codec": "int9+ef"}, "int9"),
+    ({"memory_copies": 0.0}, "budget > 0"),
+])
+def test_bad_configuration_is_refused_with_the_fix(kwargs: dict, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        StreamingConfig(**kwargs)
+
+
 # --- period="auto" --------------------------------------------------------------------------------
 
+@pytest.mark.unit
 def test_period_rule_grows_with_the_all_reduce_time_and_respects_bounds() -> None:
     rule = PeriodRule(fragments=2, period_min=4, period_max=64, safety=1.5)
     step = 0.05
@@ -236,6 +262,7 @@ def _auto_worker(rank: int, world: int, backend: str) -> dict:
     return out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", ["gloo", "zmq"])
 def test_auto_period_is_agreed_and_grows_on_a_slower_link(backend: str) -> None:
     res = run_world(_auto_worker, 2, backend, timeout=240)
