@@ -13,7 +13,9 @@ Reported per configuration (medians over ``--repeats`` runs): time to the target
 (training time, evaluation excluded, checked every ``--eval-every`` steps on rank 0's model),
 final eval loss, bytes on the emulated links per training sample (all ranks, IP bytes),
 compute utilization = compute-only step time (every rank training with no communication, at
-the same time, before the configurations) / real step time; and the ratios the issue asks for.
+the same time, before the configurations) / real step time, and the streaming sync's own figure
+("in-sync": compute time / (compute + time inside ``sync.step()``), immune to the calibration's
+noise under load); and the ratios the issue asks for.
 ``--load N`` repeats the non-dense configurations once more with ``N`` busy-loop processes
 running beside the ranks. Prints the machine's memcpy bandwidth and core count.
 
@@ -98,12 +100,14 @@ def summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def table(rows: list[dict[str, Any]]) -> str:
-    lines = [f"{'configuration':<50}{'s/step':>8}{'to target':>10}{'final':>7}{'B/sample':>10}{'util':>7}{'H':>5}{'EF B/rank':>11}"]
+    lines = [f"{'configuration':<50}{'s/step':>8}{'to target':>10}{'final':>7}{'B/sample':>10}{'util':>7}{'in-sync':>8}{'H':>5}"
+             f"{'EF B/rank':>11}"]
     for r in rows:
         tt = f"{r['time_to_target_s']:.1f}s" if r["time_to_target_s"] is not None else f">{r['elapsed_s']:.0f}s"
         ef = max(r["codec_state_bytes_per_rank"]) if r["codec_state_bytes_per_rank"] else 0
+        sync_util = f"{r['sync_utilization'] * 100:.0f}%" if r["sync_utilization"] is not None else "-"
         lines.append(f"{r['label'][:49]:<50}{r['s_per_step']:>8.3f}{tt:>10}{r['final_loss']:>7.3f}{r['bytes_per_sample']:>10.0f}"
-                     f"{r['utilization'] * 100:>6.0f}%{r['period_final'] or '':>5}{ef:>11}")
+                     f"{r['utilization'] * 100:>6.0f}%{sync_util:>8}{r['period_final'] or '':>5}{ef:>11}")
     return "\n".join(lines)
 
 

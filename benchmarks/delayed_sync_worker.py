@@ -163,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--stop-at-target", action="store_true")
     ap.add_argument("--eval-every", type=int, default=4)
     ap.add_argument("--repeats", type=int, default=1)
-    ap.add_argument("--calib-steps", type=int, default=12)
+    ap.add_argument("--calib-steps", type=int, default=24)
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     configs = [parse(c) for c in args.configs.split(";") if c.strip()]

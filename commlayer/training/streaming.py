@@ -21,7 +21,8 @@ every ``H`` inner steps and applies an outer Nesterov step. Streaming DiLoCo (Do
   error-feedback residuals are kept per fragment, bounded by one copy of the parameters
   (:mod:`commlayer.codecs.memory`).
 * ``period="auto"``: ``H`` follows the measured all-reduce time and inner step time
-  (:mod:`commlayer.training.sync_period`), agreed by all ranks at each round boundary.
+  (:mod:`commlayer.training.sync_period`): the ranks share their measurements when fragment 0's
+  result is applied and all adopt the agreed ``H`` at the next round boundary.
 
 Collectives of one instance are issued one after another (each starts when the previous one is
 complete), so every rank issues them in the same order even though later rounds are launched from
@@ -107,6 +108,7 @@ class StreamingDiLoCo:
         self._pending: dict[int, _Pending] = {}
         self._tail: Future | None = None
         self._stats: Future | None = None
+        self._stats_step = 0
         self.comm_s, self.step_s = Recent(), Recent()
         self.compute_total_s = self.overhead_total_s = self.wait_total_s = 0.0
         self._returned: float | None = None
@@ -134,8 +136,8 @@ class StreamingDiLoCo:
         for f in sorted(f for f, pend in self._pending.items() if pend.apply_step <= t):
             self._apply(f)
         due = [f for f in range(self.cfg.fragments) if self._next_send[f] == t]
-        if due and due[0] == 0 and self.cfg.period == "auto":
-            self._replan()
+        if due and due[0] == 0 and self._stats is not None and self._stats_step < t:  # shared at an earlier step
+            self._adopt()
         for f in due:
             if f in self._pending:  # the period shrank: the previous result must land before the next send
                 self._apply(f)
@@ -230,6 +232,8 @@ class StreamingDiLoCo:
             else:
                 p.mul_(a).add_(src, alpha=1.0 - a)
         self.syncs += 1
+        if f == 0 and self.cfg.period == "auto" and self._stats is None:
+            self._share_stats()
 
     def _wait(self, fut: Future, what: str) -> Any:
         if not fut.done():
@@ -242,17 +246,22 @@ class StreamingDiLoCo:
             self.wait_total_s += time.perf_counter() - t0
         return fut.value()
 
-    def _replan(self) -> None:
-        """At a round boundary: adopt the period agreed from the previous round's statistics, then
-        issue this round's (max over ranks of the median all-reduce and inner step times)."""
-        if self._stats is not None:
-            comm_s, step_s = (float(v) for v in self._wait(self._stats, "the period statistics"))
-            old = self.period
-            self.period = self.cfg.rule.choose(comm_s, step_s, old)
-            self.decisions.append({"step": self.step_count, "comm_s": comm_s, "step_s": step_s, "period": self.period})
-            if self.period != old:
-                logger.info("streaming DiLoCo: period %d -> %d (all-reduce %.3f s, inner step %.4f s)", old, self.period, comm_s, step_s)
-                self._next_send = self._schedule(self.step_count - self.period // self.cfg.fragments)
+    def _adopt(self) -> None:
+        """At a round boundary: adopt the period the ranks agreed from the last statistics."""
+        assert self._stats is not None
+        comm_s, step_s = (float(v) for v in self._wait(self._stats, "the period statistics"))
+        self._stats = None
+        old = self.period
+        self.period = self.cfg.rule.choose(comm_s, step_s, old)
+        self.decisions.append({"step": self.step_count, "comm_s": comm_s, "step_s": step_s, "period": self.period})
+        if self.period != old:
+            logger.info("streaming DiLoCo: period %d -> %d (all-reduce %.3f s, inner step %.4f s)", old, self.period, comm_s, step_s)
+            self._next_send = self._schedule(self.step_count - self.period // self.cfg.fragments)
+
+    def _share_stats(self) -> None:
+        """Right after fragment 0's result was applied (the same step on every rank, and its all-reduce
+        has been measured everywhere): all-reduce the MAX over ranks of the median all-reduce and
+        inner step times, chained like the data; adopted at the next round boundary."""
         stats = torch.tensor([self.comm_s.median(), self.step_s.median()], dtype=torch.float64)
 
         def start() -> Future:
@@ -260,3 +269,4 @@ class StreamingDiLoCo:
             return then(work.get_future(), lambda _v: stats)
 
         self._stats = self._chain(start)
+        self._stats_step = self.step_count
