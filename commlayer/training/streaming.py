@@ -139,7 +139,7 @@ class StreamingDiLoCo:
         if due and due[0] == 0 and self._stats is not None and self._stats_step < t:  # shared at an earlier step
             self._adopt()
         for f in due:
-            if f in self._pending:  # the period shrank: the previous result must land before the next send
+            if f in self._pending:  # the schedule changed (period=auto): the previous result lands before the next send
                 self._apply(f)
             self._send(f)
         self._returned = time.perf_counter()
