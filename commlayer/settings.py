@@ -114,6 +114,14 @@ SETTINGS: dict[str, Setting] = {
         # fleets (commlayer.fleet)
         Setting("COMMLAYER_FLEET_STORE", str, "", "fleet", "host:port of the fleet's c10d TCPStore (membership, round ledger)", readme=True),
         Setting("COMMLAYER_FLEET_RELAY", str, "", "fleet", "host:port of a fleet relay's backend this peer dials out to (peers behind NAT)"),
+        # codec memory and delayed sync
+        Setting("COMMLAYER_EF_DTYPE", str, "auto", "codec", "storage dtype of error-feedback residuals: auto (float32; float64 for float64 "
+                "gradients), fp32, bf16, fp16 (half the memory; g + e is still computed in float32)"),
+        Setting("COMMLAYER_CODEC_MEMORY_COPIES", float, 1.0, "codec", "most codec state (error-feedback residuals, PowerSGD/DGC "
+                "state) per rank, in copies of the gradients it compresses; more raises CodecMemoryError"),
+        Setting("COMMLAYER_SYNC_SAFETY", float, 1.5, "codec", "streaming DiLoCo `period=\"auto\"`: headroom factor, "
+                "H = fragments x ceil(safety x all-reduce time / inner step time)"),
+        Setting("COMMLAYER_SYNC_PERIOD_MAX", int, 512, "codec", "streaming DiLoCo `period=\"auto\"`: largest period H"),
         # adaptation
         Setting("COMMLAYER_ADAPT", str, "auto", "adapt", "link probing + planner: auto = when some peer is remote, 1 = always, 0 = never", readme=True),
         Setting("COMMLAYER_METRICS", str, "", "adapt", "JSON-lines file for the controller's measurements and decisions "

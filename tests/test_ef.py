@@ -7,6 +7,7 @@ import torch
 
 import commlayer.codecs as C
 from commlayer.codecs import CodecContext, ErrorFeedback, from_spec
+from commlayer.codecs.memory import CodecMemoryError, check_state, limit_state, report
 
 
 def _grads(n: int, shape: tuple[int, ...], dtype: torch.dtype = torch.float64) -> list[torch.Tensor]:
@@ -27,12 +28,57 @@ def test_sent_plus_residual_equals_sum_of_inputs(spec: str) -> None:
     assert codec.state_bytes() == 40 * 30 * 8
 
 
-def test_residual_is_kept_in_float32_for_half_inputs() -> None:
-    codec = from_spec("topk:ratio=0.1+ef")
+def test_residual_of_half_inputs_is_one_copy_unless_float32_is_asked_for() -> None:
     g = torch.randn(100).half()
+    codec = from_spec("topk:ratio=0.1+ef")  # auto: a half gradient keeps a half residual (one copy)
     codec.encode(g, CodecContext.for_tensor(g, key="h"))
-    assert codec.residuals["h"].dtype == torch.float32
+    assert codec.residuals["h"].dtype == torch.float16 and codec.state_bytes() == 200
+    refused = ErrorFeedback(from_spec("topk:ratio=0.1"), residual_dtype="fp32")  # two copies: refused by default
+    with pytest.raises(CodecMemoryError, match=r"2.00 copies of the 200 bytes of gradients.*at most 1"):
+        refused.encode(g, CodecContext.for_tensor(g, key="h"))
+    assert refused.residuals == {}  # nothing was stored
+    asked = ErrorFeedback(from_spec("topk:ratio=0.1"), residual_dtype="fp32", max_copies=2)
+    asked.encode(g, CodecContext.for_tensor(g, key="h"))
+    assert asked.residuals["h"].dtype == torch.float32 and asked.state_bytes() == 400
+
+
+def test_bf16_residuals_halve_the_memory_and_keep_the_invariant_up_to_rounding(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("COMMLAYER_EF_DTYPE", "bf16")
+    codec = from_spec("topk:ratio=0.05+ef")
+    monkeypatch.delenv("COMMLAYER_EF_DTYPE")
+    full = from_spec("topk:ratio=0.05+ef")
+    sent = torch.zeros(2000, dtype=torch.float64)
+    total = torch.zeros_like(sent)
+    for step, g in enumerate(_grads(30, (2000,), torch.float32)):
+        ctx = CodecContext.for_tensor(g, key="k", step=step)
+        sent += codec.decode(codec.encode(g, ctx), ctx).double()
+        full.encode(g, ctx)
+        total += g.double()
+    assert codec.residuals["k"].dtype == torch.bfloat16 and full.residuals["k"].dtype == torch.float32
+    assert codec.state_bytes() * 2 == full.state_bytes() == 2000 * 4
+    err = float((sent + codec.residuals["k"].double() - total).norm() / total.norm())
+    assert 0 < err < 0.02  # each step rounds e to bf16 (8 bits of mantissa) instead of being exact
+    assert report(codec)["residual_dtype"] == "bfloat16" and report(codec)["copies"] == 0.5
+
+
+def test_absolute_budget_catches_residuals_of_keys_no_longer_used() -> None:
+    codec = from_spec("int8+ef")
+    assert limit_state(codec, grad_bytes=100 * 4) == 400  # one copy of a 100-element float32 model
+    codec.encode(torch.ones(100), CodecContext((100,), key="bucket0:100"))
+    with pytest.raises(CodecMemoryError, match="above its budget of 400 bytes.*reset"):
+        codec.encode(torch.ones(100), CodecContext((100,), key="bucket0-rebuilt:100"))  # keys changed: a second copy
+    codec.reset()
+    codec.encode(torch.ones(100), CodecContext((100,), key="bucket0-rebuilt:100"))
     assert codec.state_bytes() == 400
+
+
+def test_check_state_refuses_codecs_holding_two_copies() -> None:
+    codec = from_spec("dgc:ratio=0.1,momentum=0.9")  # momentum + residual: two copies
+    g = torch.randn(1000)
+    codec.encode(g, CodecContext.for_tensor(g, key="k"))
+    with pytest.raises(CodecMemoryError, match="2.00 copies of the 4000 bytes"):
+        check_state(codec, grad_bytes=4000)
+    check_state(codec, grad_bytes=4000, copies=2)  # asked for
 
 
 def test_state_dict_round_trip_reproduces_the_next_payload() -> None:

@@ -4,7 +4,9 @@
   :func:`codec_hook`); non-blocking, futures chained like torch's PowerSGD hook.
 * :mod:`local_sgd`: delayed synchronization, periodic averaging (:func:`local_sgd`,
   :func:`diloco`, :class:`PeriodicAverager`); :mod:`stale`: one-step-stale gradient overlap
-  (:class:`StaleGradientSync`).
+  (:class:`StaleGradientSync`); :mod:`streaming`: streaming, compressed DiLoCo whose outer
+  all-reduce overlaps the next inner steps (:class:`StreamingDiLoCo`, :class:`StreamingConfig`,
+  ``period="auto"`` by :class:`PeriodRule`).
 * :class:`GossipAverager`: decentralized data parallel in the spirit of torch's
   ``PeriodicModelAverager``: every rank keeps its own model, steps its own optimizer, and mixes
   its parameters with its graph neighbours (D-PSGD, Lian et al., NeurIPS 2017; CHOCO-SGD with a
@@ -25,7 +27,8 @@ from typing import Any
 _EXPORTS = {
     "CodecHookState": "codec_hook", "TorchExchange": "codec_hook", "codec_hook": "codec_hook",
     "PeriodicAverager": "local_sgd", "diloco": "local_sgd", "local_sgd": "local_sgd",
-    "StaleGradientSync": "stale", "GossipAverager": "gossip_trainer", "ParameterServerTrainer": "ps_trainer",
+    "StaleGradientSync": "stale", "StreamingDiLoCo": "streaming", "StreamingConfig": "streaming_parts",
+    "PeriodRule": "sync_period", "GossipAverager": "gossip_trainer", "ParameterServerTrainer": "ps_trainer",
 }
 
 __all__ = sorted(_EXPORTS)
