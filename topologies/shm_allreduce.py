@@ -32,7 +32,7 @@ import threading
 import time
 import weakref
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -83,9 +83,13 @@ class _State:
     def __init__(self, region: shm_region.Region | None, why: str, small_bytes: int, spin: int, pids: list[int]) -> None:
         self.region, self.why, self.small_bytes, self.spin, self.pids = region, why, small_bytes, spin, pids
         self.closed = False
+        self.listener: tuple[Any, Callable[[int, str], None]] | None = None  # (transport, its failure listener)
 
     def close(self) -> None:
         self.closed = True
+        if self.listener is not None:
+            self.listener[0].remove_failure_listener(self.listener[1])
+            self.listener = None
         if self.region is not None:
             self.region.close()
             self.region = None
@@ -234,6 +238,14 @@ def _negotiate(comm: OpComm) -> _State:
                            comm.describe(), state.why)
         else:
             group.transport.add_close_hook(state.close)
+            # A peer's failure (pidfd, socket, heartbeat) wakes this rank's shared-memory waits at once: under
+            # torchrun the survivors must raise before the launcher's teardown signal (~10 ms after the death).
+            def interrupt(_peer: int, _why: str) -> None:
+                if state.region is not None:
+                    state.region.interrupt()
+
+            state.listener = (group.transport, interrupt)
+            group.transport.add_failure_listener(interrupt)
     with _lock:
         _states[group] = state
     return state

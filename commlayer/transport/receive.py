@@ -132,7 +132,7 @@ class Receiver:
                         try:
                             self._io_idle = True
                             if self._rx_demand == 0:
-                                events = dict(idle.poll(10 if any(p.suspect_since for p in self._peers.values()) else 100))
+                                events = dict(idle.poll(self._idle_poll_ms()))
                                 if self._router in events:
                                     self._pump(0)
                         finally:
@@ -163,6 +163,13 @@ class Receiver:
         finally:
             ctrl.close(linger=0)
             wake.close(linger=0)
+
+    def _idle_poll_ms(self) -> int:
+        """Until the nearest suspect's deadline (a dead local peer is failed ~5 ms after its exit), else 100 ms."""
+        due = [p.suspect_since for p in self._peers.values() if p.suspect_since]
+        if not due:
+            return 100
+        return max(1, min(100, int((min(due) - time.monotonic()) * 1000) + 1))
 
     def _handle(self, frames: list[zmq.Frame]) -> None:
         ident = frames[0].bytes

@@ -116,6 +116,7 @@ class Region:
         self._flags = words[: nranks * LINE // 4: LINE // 4]
         self._release = words[nranks * LINE // 4:][:1]  # its own cache line after the flags
         self._release_addr = words.ctypes.data + nranks * LINE
+        self.interrupts = 0  # bumped by interrupt(): waiters check liveness at once
         ctl = _round_up((nranks + 1) * LINE, ALIGN)
         per = 2 * area_bytes + 2 * result_bytes
         self._in = [[ctl + q * per + b * area_bytes for q in range(nranks)] for b in (0, 1)]
@@ -171,6 +172,7 @@ class Region:
         release, flags = self._release, self._flags  # kept alive here even if close() runs meanwhile
         n = 0
         last_check = 0.0
+        seen = self.interrupts
         while True:
             v = int(release[0])
             if (v - want) & _MASK < 0x40000000:
@@ -184,11 +186,22 @@ class Region:
             if n <= spin:
                 continue
             now = time.monotonic()
-            if now - last_check >= _SLICE:
+            if self.interrupts != seen:  # a peer failed: check every rank not arrived yet, now
+                for q, fv in enumerate(flags.tolist()):
+                    if (fv - want) & _MASK >= 0x40000000:
+                        check(q, now)
+                last_check, seen = now, self.interrupts
+            elif now - last_check >= _SLICE:
                 if last_check:
                     check(missing, now)
                 last_check = now
             _futex.wait(self._release_addr, v, min(_SLICE, max(0.0, deadline - now) + 0.001))
+
+    def interrupt(self) -> None:
+        """Wakes this process's waiters now, so that they check liveness at once (a peer just failed)."""
+        self.interrupts += 1
+        if self._flags is not None:  # still mapped
+            _futex.wake(self._release_addr)
 
     def close(self) -> None:
         """Unmaps the segment (later, when the last view dies, if views are still alive)."""
