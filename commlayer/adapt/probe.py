@@ -226,6 +226,8 @@ def probe_links(transport: Any, ranks: Sequence[int], cfg: ProbeConfig | None = 
     # takes over the socket only after a grace period)
     allgather_vector(transport, ranks, cfg.channel, _seq(epoch, 3, 0), [float(epoch)], cfg.timeout, op="probe-start")
     samples = measure_rtts(transport, ranks, cfg, epoch)
+    if bandwidth:  # no train may start while a peer still pings: trains queue in front of its pings (emulators, modems)
+        allgather_vector(transport, ranks, cfg.channel, _seq(epoch, 4, 0), [float(epoch)], cfg.timeout, op="probe-rtt-done")
     rtt_row = [0.0] * p
     sd_row = [0.0] * p
     for r, xs in samples.items():
