@@ -29,3 +29,12 @@ def test_mypy_passes() -> None:
                          text=True, timeout=580)
     assert out.returncode == 0, out.stdout + out.stderr
     assert "Success: no issues found" in out.stdout
+
+
+@pytest.mark.timeout(120)
+def test_no_import_cycles() -> None:
+    """No cycle among the library's modules, counting imports inside functions and under TYPE_CHECKING."""
+    out = subprocess.run([sys.executable, str(ROOT / "scripts" / "import_cycles.py")], cwd=ROOT, capture_output=True,
+                         text=True, timeout=100)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "0 import cycle(s)" in out.stdout, out.stdout
