@@ -36,8 +36,6 @@ import torch
 
 from commlayer.fleet.schedule import Schedule, run
 
-ROOT = Path(__file__).resolve().parents[1]
-
 
 def memcpy_gbps(nbytes: int = 64 << 20, reps: int = 7) -> float:
     """Median bandwidth of one torch copy of ``nbytes`` (GB/s)."""
@@ -148,14 +146,13 @@ def catchup(work: Path, quick: bool) -> dict:
 
 
 def ps_failover(work: Path, quick: bool) -> dict:
-    sys.path.insert(0, str(ROOT / "tests"))
-    import test_fleet_ps as t  # the test's ranks: one server, one replica, two workers
+    from commlayer.testing.ps_failover import run as failover_run  # the test's ranks: one server, one replica, two workers
 
     times = []
     for _ in range(1 if quick else 3):
-        killed, res = t._run(replica=True)
+        killed, res = failover_run(replica=True)
         times.append(max(res[w]["failover_done"] for w in (1, 2)) - killed)
-    killed, res = t._run(replica=False)
+    killed, res = failover_run(replica=False)
     return {"failover_s": times, "failover_s_median": statistics.median(times),
             "no_replica_error_s": max(res[w]["at"] for w in (1, 2)) - killed,
             "no_replica_error": res[1].get("error", "")[:200]}

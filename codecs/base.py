@@ -20,6 +20,7 @@ from typing import Any, ClassVar, Generator, Iterator
 import numpy as np
 import torch
 
+from commlayer.codecs.config import spec_token
 from commlayer.codecs.config import validate_config_types  # noqa: F401  (re-exported for codecs)
 
 logger = logging.getLogger(__name__)
@@ -226,10 +227,12 @@ class Codec(abc.ABC):
     def __hash__(self) -> int:
         return hash(repr(self.get_config()))
 
-    def __repr__(self) -> str:
-        from commlayer.codecs.spec import to_spec
+    def to_spec(self) -> str:
+        """Spec string that :func:`commlayer.codecs.from_spec` turns back into an equal codec (non-default options only)."""
+        return spec_token(self.get_config(), type(self).Config)
 
-        return f"<{type(self).__name__} {to_spec(self)!r}>"
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.to_spec()!r}>"
 
     # --- tensor math ---------------------------------------------------------------------
     @abc.abstractmethod

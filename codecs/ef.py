@@ -27,8 +27,9 @@ from typing import Any
 import torch
 
 from commlayer.codecs.base import Codec, CodecContext, Encoded, acc_dtype
-from commlayer.codecs.memory import CodecMemoryError, dtype_name, parse_dtype
-from commlayer.codecs.memory import max_copies as budget_copies
+from commlayer.codecs.budget import CodecMemoryError, dtype_name, parse_dtype
+from commlayer.codecs.budget import max_copies as budget_copies
+from commlayer.codecs.registry import get_codec, register_wrapper
 
 logger = logging.getLogger(__name__)
 
@@ -76,9 +77,10 @@ class ErrorFeedback(Codec):
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> "ErrorFeedback":
-        from commlayer.codecs.registry import get_codec
-
         return cls(get_codec(config["codec"]))
+
+    def to_spec(self) -> str:
+        return self.inner.to_spec() + "+ef"
 
     @staticmethod
     def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -187,3 +189,6 @@ class ErrorFeedback(Codec):
         self.residuals.clear()
         self._grad_bytes.clear()
         self._in_dtype.clear()
+
+
+register_wrapper(ErrorFeedback)

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from commlayer.codecs.base import Codec, CodecContext, Encoded, as_array, from_buffer
+from commlayer.codecs.registry import get_codec, register_wrapper
 from commlayer.codecs.sparse import SparseCodec
 
 
@@ -66,9 +67,10 @@ class Pipeline(Codec):
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> "Pipeline":
-        from commlayer.codecs.registry import get_codec
+        return cls([get_codec(c) for c in config.get("stages", [])])
 
-        return cls([get_codec(c) for c in config["stages"]])
+    def to_spec(self) -> str:
+        return "|".join(s.to_spec() for s in self.stages)
 
     # --- helpers ---
     def _vctx(self, ctx: CodecContext, k: int) -> CodecContext:
@@ -159,3 +161,5 @@ class Pipeline(Codec):
     def state_bytes(self) -> int:
         return self.stages[0].state_bytes()
 
+
+register_wrapper(Pipeline)

@@ -10,6 +10,8 @@ from commlayer.codecs.base import Codec
 logger = logging.getLogger(__name__)
 
 _REGISTRY: dict[str, type[Codec]] = {}
+#: The reserved ids of the codecs that wrap others ("pipeline", "ef"); each registers itself on import.
+_WRAPPERS: dict[str, type[Codec]] = {}
 
 
 def register_codec(cls: type[Codec]) -> type[Codec]:
@@ -27,6 +29,24 @@ def register_codec(cls: type[Codec]) -> type[Codec]:
     if old is not None and old is not cls:
         raise ValueError(f"Codec id {cid!r} is already registered by {old.__module__}.{old.__name__}")
     _REGISTRY[cid] = cls
+    return cls
+
+
+def register_wrapper(cls: type[Codec]) -> type[Codec]:
+    """Registers a wrapping codec (a pipeline, error feedback) under its reserved ``cls.codec_id``.
+
+    :func:`get_codec` builds it with ``cls.from_config``; it is not a stage id (:func:`available`).
+
+    Raises:
+        ValueError: if the id is not one of the reserved ids or already taken by another class.
+    """
+    cid = getattr(cls, "codec_id", "")
+    if cid not in ("pipeline", "ef"):
+        raise ValueError(f"Expected a reserved wrapper id ('pipeline' or 'ef'), got {cid!r} on {cls.__name__}")
+    old = _WRAPPERS.get(cid)
+    if old is not None and old is not cls:
+        raise ValueError(f"Codec id {cid!r} is already registered by {old.__module__}.{old.__name__}")
+    _WRAPPERS[cid] = cls
     return cls
 
 
@@ -57,12 +77,7 @@ def get_codec(config: dict[str, Any]) -> Codec:
     if not isinstance(config, dict) or "id" not in config:
         raise ValueError(f"Expected a dict with an 'id' key, got {config!r}")
     cid = config["id"]
-    if cid == "pipeline":
-        from commlayer.codecs.pipeline import Pipeline
-
-        return Pipeline([get_codec(c) for c in config.get("stages", [])])
-    if cid == "ef":
-        from commlayer.codecs.ef import ErrorFeedback
-
-        return ErrorFeedback(get_codec(config["codec"]))
+    wrapper = _WRAPPERS.get(cid)
+    if wrapper is not None:
+        return wrapper.from_config(config)
     return codec_class(cid).from_config(config)

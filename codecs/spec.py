@@ -17,6 +17,8 @@ from typing import Any
 
 from commlayer import settings
 from commlayer.codecs.base import Codec
+from commlayer.codecs.ef import ErrorFeedback
+from commlayer.codecs.pipeline import Pipeline
 from commlayer.codecs.registry import codec_class
 
 _TRUE = {"1", "true", "yes", "on"}
@@ -79,9 +81,6 @@ def from_spec(spec: str) -> Codec:
     Raises:
         SpecError: (a ValueError) naming the bad token and the expected form.
     """
-    from commlayer.codecs.ef import ErrorFeedback
-    from commlayer.codecs.pipeline import Pipeline
-
     if not isinstance(spec, str) or not spec.strip():
         raise SpecError(f"Expected a codec spec of the form {FORM}, got {spec!r}")
     body = spec.strip()
@@ -100,20 +99,7 @@ def from_spec(spec: str) -> Codec:
 
 def to_spec(codec: Codec) -> str:
     """Spec string that :func:`from_spec` turns back into an equal codec (non-default options only)."""
-    cfg = codec.get_config()
-    if cfg["id"] == "ef":
-        return to_spec(codec.inner) + "+ef"  # type: ignore[attr-defined]
-    if cfg["id"] == "pipeline":
-        return "|".join(to_spec(s) for s in codec.stages)  # type: ignore[attr-defined]
-    defaults = {f.name: f.default for f in dataclasses.fields(type(codec).Config)}
-    opts = [f"{k}={_fmt(v)}" for k, v in cfg.items() if k != "id" and v != defaults.get(k)]
-    return cfg["id"] + (":" + ",".join(opts) if opts else "")
-
-
-def _fmt(v: Any) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    return repr(v) if isinstance(v, float) else str(v)
+    return codec.to_spec()
 
 
 def from_env(var: str = "COMMLAYER_CODEC", default: str | None = None) -> Codec | None:

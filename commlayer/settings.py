@@ -149,6 +149,7 @@ EXTERNAL: dict[str, str] = {
     "MASTER_PORT": "transport/endpoints.py, adapt/session.py, topologies/world.py",
     "RANK": "topologies/world.py (World.from_env)",
     "WORLD_SIZE": "topologies/world.py (World.from_env)",
+    "LIVENESS_DEBUG": "commlayer/testing/liveness.py (liveness runs log their ranks at INFO and print their stderr)",
     "TMPDIR": "commlayer/testing/launch.py (where ranks dump their stacks for hang reports)",
     "TORCHELASTIC_RESTART_COUNT": "transport/bootstrap.py (endpoint records scoped to the elastic attempt)",
     "TORCH_DISTRIBUTED_DEBUG": "transport/config.py (DETAIL turns on the cross-rank shape check, like COMMLAYER_DEBUG=detail)",

@@ -29,3 +29,22 @@ def test_mypy_passes() -> None:
                          text=True, timeout=580)
     assert out.returncode == 0, out.stdout + out.stderr
     assert "Success: no issues found" in out.stdout
+
+
+@pytest.mark.timeout(120)
+def test_no_import_cycles() -> None:
+    """No cycle among the library's modules, counting imports inside functions and under TYPE_CHECKING."""
+    out = subprocess.run([sys.executable, str(ROOT / "scripts" / "import_cycles.py")], cwd=ROOT, capture_output=True,
+                         text=True, timeout=100)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "0 import cycle(s)" in out.stdout, out.stdout
+
+
+@pytest.mark.timeout(120)
+def test_tests_and_benchmarks_share_code_only_through_the_package() -> None:
+    """tests/ and benchmarks/ never put each other on sys.path: shared harnesses live in commlayer.testing."""
+    out = subprocess.run([sys.executable, str(ROOT / "scripts" / "structure_counts.py"), "--list"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=100)
+    assert out.returncode == 0, out.stdout + out.stderr
+    counts = {line.split()[0]: int(line.split()[1]) for line in out.stdout.splitlines() if not line.startswith(" ")}
+    assert counts["sys_path_inserts"] == 0, out.stdout

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import zmq
 
+from commlayer.testing import liveness as L
 from commlayer.transport.errors import CommTimeout
 from commlayer.transport.flow import SendQueue
 from commlayer.transport.liveness import MIN_RTO, LivenessConfig, RttEstimator, process_state
@@ -25,8 +26,6 @@ from commlayer.transport.receive import DISCONNECT_GRACE
 from commlayer.transport.tcpinfo import TcpView, scan
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "benchmarks"))
-import liveness as L  # noqa: E402
 
 
 def test_rtt_estimator_follows_rfc6298() -> None:

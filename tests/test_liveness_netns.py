@@ -1,22 +1,17 @@
 """Liveness on kernel-shaped links (every rank in its own namespace, veth + tbf): no false deaths
 on a bufferbloated 2 Mbit/s link or through an 8 s stall of a remote rank; real failures (a cut link
 without FIN/RST, a killed remote process) still caught and named. CI sizes of
-``benchmarks/liveness.py`` (3 ranks, one run each).
+``benchmarks/liveness.py``'s runs (:mod:`commlayer.testing.liveness`; 3 ranks, one run each).
 
 Skipped, with the reason, when not root or without ``ip``/``tc``/TUN (namespaces need them).
 """
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 
+from commlayer.testing import liveness as L
 from commlayer.wan.kernel import tc_unavailable_reason
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-import liveness as L  # noqa: E402
 
 REASON = tc_unavailable_reason()
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(REASON is not None, reason=str(REASON))]

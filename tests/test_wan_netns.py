@@ -73,8 +73,9 @@ def test_netns_loss_and_jitter_statistics() -> None:
         try:
             lossy = _client(w, 0, ["udp", w.addresses[1], PORT, "--count", "600"], 30)
             jit = subprocess.run([*w.prefix(0), sys.executable, "-c", textwrap.dedent(f"""
-                import json, sys; sys.path.insert(0, {str(Path(probe_mod.__file__).parent)!r})
-                import probe; print(json.dumps(probe.udp({w.addresses[2]!r}, {PORT}, 100, 0.02, 0.5)))""")],
+                import json
+                from commlayer.wan import probe
+                print(json.dumps(probe.udp({w.addresses[2]!r}, {PORT}, 100, 0.02, 0.5)))""")],
                 capture_output=True, text=True, timeout=30)
             jitter = json.loads(jit.stdout)
             stats = w.stats()

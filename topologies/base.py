@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import abc
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -29,9 +29,7 @@ from commlayer.topologies.comm import Group
 from commlayer.topologies.dense import allreduce as dense_allreduce
 from commlayer.topologies.reduce_ops import ReduceOp, check_op, finalize_
 from commlayer.topologies.ring import DEFAULT_CHUNK_BYTES
-
-if TYPE_CHECKING:
-    from commlayer.topologies.world import World
+from commlayer.topologies.world_view import WorldView
 
 
 @dataclass(frozen=True)
@@ -78,7 +76,7 @@ class Topology(abc.ABC):
 
     name: str = ""
 
-    def __init__(self, world: "World", group: Group) -> None:
+    def __init__(self, world: WorldView, group: Group) -> None:
         self.world = world
         self.group = group
         self.rank = group.rank
@@ -150,7 +148,7 @@ class Collective(Topology):
         chunk_bytes: ring pipeline chunk.
     """
 
-    def __init__(self, world: "World", group: Group, algo: str = "ring", order: Sequence[int] | None = None,
+    def __init__(self, world: WorldView, group: Group, algo: str = "ring", order: Sequence[int] | None = None,
                  chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> None:
         super().__init__(world, group)
         self.algo, self.order, self.chunk_bytes = algo, order, chunk_bytes

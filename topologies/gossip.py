@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
@@ -32,11 +32,9 @@ from commlayer.topologies.graphs import Graph, contraction, make_graph
 from commlayer.topologies.p2p import Inbox, buf, send_p2p
 from commlayer.topologies.reduce_ops import ReduceOp
 from commlayer.topologies.schedule import Step, fan
+from commlayer.topologies.world_view import WorldView
 from commlayer.transport.errors import CommError
 from commlayer.transport.envelope import Message
-
-if TYPE_CHECKING:
-    from commlayer.topologies.world import World
 
 logger = logging.getLogger(__name__)
 
@@ -76,7 +74,7 @@ class Gossip(Topology):
 
     name = "gossip"
 
-    def __init__(self, world: "World", group: Group, graph: Any = "ring", mixing: str = "auto", mode: str = "sync",
+    def __init__(self, world: WorldView, group: Group, graph: Any = "ring", mixing: str = "auto", mode: str = "sync",
                  rounds: int = 1, gamma: float = 0.5, round_timeout: float = 30.0) -> None:
         super().__init__(world, group)
         if group.ranks != list(range(world.size)):

@@ -32,7 +32,7 @@ state :mod:`ps_optimizer`, the shard payloads :mod:`ps_payload`.
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import Any, Sequence
 
 import torch
 
@@ -47,11 +47,9 @@ from commlayer.topologies.ps_payload import AGG, PULL, TAG, codec_frames, decode
 from commlayer.topologies.ps_server import ShardServer
 from commlayer.topologies.reduce_ops import ReduceOp
 from commlayer.topologies.ring import even_bounds
+from commlayer.topologies.world_view import WorldView
 from commlayer.transport.errors import CommError, PeerFailure
 from commlayer.transport.envelope import Message
-
-if TYPE_CHECKING:
-    from commlayer.topologies.world import World
 
 logger = logging.getLogger(__name__)
 
@@ -74,7 +72,7 @@ class ParameterServer(Topology):
 
     name = "ps"
 
-    def __init__(self, world: "World", group: Group, servers: "int | Sequence[int]" = 1, workers: Sequence[int] | None = None,
+    def __init__(self, world: WorldView, group: Group, servers: "int | Sequence[int]" = 1, workers: Sequence[int] | None = None,
                  mode: str = "sync", staleness: int = 0, uplink: "str | Codec | None" = None, downlink: "str | Codec | None" = None,
                  optimizer: str = "sgd", lr: float = 0.01, optimizer_options: dict | None = None,
                  replicas: Sequence[int] | None = None) -> None:

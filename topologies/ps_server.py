@@ -13,23 +13,38 @@ from __future__ import annotations
 import logging
 import threading
 from collections import defaultdict
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
 
 from commlayer.codecs import Codec, from_spec, to_spec
 from commlayer.codecs.aggregate import combine
-from commlayer.topologies.comm import _TORCH_DTYPES
+from commlayer.topologies.comm import _TORCH_DTYPES, Group
 from commlayer.topologies.p2p import Inbox, buf
 from commlayer.topologies.ps_optimizer import Shard
 from commlayer.topologies.ps_payload import AGG, PULL, TAG, codec_frames, decode, encoded_of, shard_ctx
 from commlayer.topologies.reduce_ops import ReduceOp, combine_, finalize_
+from commlayer.topologies.world_view import WorldView
 from commlayer.transport.errors import CommError, PeerFailure
 from commlayer.transport.envelope import Message
 from commlayer.transport import envelope
 
-if TYPE_CHECKING:
-    from commlayer.topologies.ps import ParameterServer
+
+class ServerHost(Protocol):
+    """What the server thread reads of its :class:`~commlayer.topologies.ps.ParameterServer` (which builds it)."""
+
+    world: WorldView
+    group: Group
+    me: int
+    workers: list[int]
+    mode: str
+    staleness: int
+    reply_channel: str
+    downlink: Codec | None
+    optimizer: str
+    lr: float
+    optimizer_options: dict
+
 
 logger = logging.getLogger(__name__)
 
@@ -41,7 +56,7 @@ class ShardServer:
         ps: the parameter server (its world, channels, workers, mode and optimizer settings).
     """
 
-    def __init__(self, ps: "ParameterServer") -> None:
+    def __init__(self, ps: ServerHost) -> None:
         self.ps = ps
         self.world = ps.world
         self.me = ps.me

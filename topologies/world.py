@@ -20,7 +20,9 @@ from typing import Any, Callable, Sequence
 from commlayer import settings
 from commlayer.topologies.base import Collective
 from commlayer.topologies.comm import Group
+from commlayer.topologies.gossip import Gossip
 from commlayer.topologies.linear import barrier as _barrier
+from commlayer.topologies.ps import ParameterServer
 from commlayer.topologies.ring import DEFAULT_CHUNK_BYTES
 from commlayer.transport.bootstrap import connect_transport
 
@@ -100,14 +102,10 @@ class World:
 
     def parameter_server(self, servers: "int | Sequence[int]" = 1, **kwargs: Any) -> "Any":
         """A :class:`~commlayer.topologies.ps.ParameterServer` (see there for the options)."""
-        from commlayer.topologies.ps import ParameterServer
-
         return ParameterServer(self, self.group("ps"), servers, **kwargs)
 
     def gossip(self, graph: Any = "ring", **kwargs: Any) -> "Any":
         """A :class:`~commlayer.topologies.gossip.Gossip` averager over ``graph`` (see there for the options)."""
-        from commlayer.topologies.gossip import Gossip
-
         return Gossip(self, self.group("gossip"), graph, **kwargs)
 
     # ---- lifecycle ------------------------------------------------------------------------------

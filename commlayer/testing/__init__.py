@@ -6,6 +6,10 @@
 * :mod:`.reference`: reference reductions (numpy / plain torch) results are compared against.
 * :mod:`.reliability`: kill injection, frame fuzzing, soak and timeout runs
   (``benchmarks/reliability.py`` is its command line; ``tests/test_reliability*.py`` its CI-sized runs).
+* :mod:`.liveness`: liveness runs on emulated links and real rank failures
+  (``benchmarks/liveness.py`` is its command line; ``tests/test_liveness*.py`` its CI-sized runs).
+* :mod:`.ps_failover`: SIGKILL of a parameter server mid-training, with or without a replica
+  (``tests/test_fleet_ps.py`` checks it, ``benchmarks/fleet.py --parts ps`` times it).
 
 Importing this package imports neither torch nor the WAN emulator.
 """

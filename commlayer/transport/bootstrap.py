@@ -3,18 +3,12 @@
 from __future__ import annotations
 
 import os
-import time
 from typing import Any
 
-from commlayer.transport import envelope
 from commlayer.transport.config import TransportConfig
 from commlayer.transport.endpoints import choose_host, exchange_endpoints
 from commlayer.transport.engine import Transport
-from commlayer.transport.errors import CommError, CommTimeout
 from commlayer.transport.security import credentials
-from commlayer.transport.wire import Kind
-
-_HELLO = "__hello__"
 
 
 def connect_transport(store: Any, rank: int, size: int, timeout: float, name: str,
@@ -62,21 +56,3 @@ def scoped_prefix(store: Any, prefix: str, rank: int, size: int) -> str:
                            "fresh store (torchrun sets TORCHELASTIC_RESTART_COUNT for this), or use another store prefix")
     return scoped
 
-
-def handshake(t: Transport, timeout: float) -> None:
-    """Exchanges HELLO with every peer of ``t``, proving both directions work before the first op."""
-    peers = t._peers
-    for p in peers:
-        t.send(p, envelope.control(Kind.HELLO, _HELLO, t.rank, meta={"world_size": t.world_size, "nonce": t.nonce}), [])
-    deadline = time.monotonic() + timeout
-    for p in peers:
-        try:
-            msg = t.recv(_HELLO, 0, 0, 0, p, max(0.0, deadline - time.monotonic()), "connection handshake")
-        except CommTimeout:
-            missing = [q for q in peers if peers[q].msgs_recv == 0]
-            raise CommTimeout(f"rank {t.rank} ({t.name}): no handshake from ranks {missing} within {timeout:.0f} s; "
-                              f"this rank connects to " + ", ".join(f"{q}->{peers[q].endpoint}" for q in missing)
-                              + ". Check COMMLAYER_HOST on those ranks, firewalls and COMMLAYER_CONNECT_OVERRIDES") from None
-        if msg.header.meta.get("world_size") != t.world_size:
-            raise CommError(f"rank {p} runs with world_size {msg.header.meta.get('world_size')}, this rank with {t.world_size}")
-    t.release_ipc_path()  # every peer's HELLO came over its connection to us: nobody needs the path any more

@@ -29,6 +29,7 @@ from commlayer.transport.errors import CollectiveMismatch, CommError, CommTimeou
 from commlayer.transport.flush import Flush
 from commlayer.transport.flow import SendQueue
 from commlayer.transport.heartbeat import Heartbeats
+from commlayer.transport.hello import handshake
 from commlayer.transport.mailbox import Limits, Mailbox, Message, P2PCallback
 from commlayer.transport.receive import Receiver
 from commlayer.transport.shutdown import Shutdown
@@ -170,8 +171,6 @@ class Transport(Receiver, Heartbeats, Shutdown):
 
     def handshake(self, timeout: float) -> None:
         """Exchanges HELLO with every peer, proving both directions work before the first op."""
-        from commlayer.transport.bootstrap import handshake
-
         handshake(self, timeout)
 
     # ---- data path ------------------------------------------------------------------------

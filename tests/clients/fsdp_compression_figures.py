@@ -6,14 +6,10 @@
 from __future__ import annotations
 
 import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import fsdp_compression  # the script's own folder is sys.path[0]
 
-from multiproc import run_world  # noqa: E402
-
-import fsdp_compression  # noqa: E402
+from commlayer.testing.launch import run_world
 
 CODECS = ["", "bf16", "fp16", "int8", "topk:ratio=0.25+ef"]
 

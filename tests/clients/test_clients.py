@@ -2,17 +2,14 @@
 
 from __future__ import annotations
 
-import os
-import sys
 from typing import Any
 
 import pytest
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/: the shared launcher
-from multiproc import run_world  # noqa: E402
+from commlayer.testing.launch import run_world
 
-import clients  # noqa: E402
+import clients
 
 WORLD = 2
 

@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import os
-import sys
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from multiproc import run_world  # noqa: E402
+from commlayer.testing.launch import run_world
 
-import direct_forms  # noqa: E402
+import direct_forms
 
 
 def test_every_gloo_call_form_matches_gloo() -> None:

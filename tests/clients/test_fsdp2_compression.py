@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import os
-import sys
 
 import pytest
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from multiproc import run_world  # noqa: E402
+from commlayer.testing.launch import run_world
 
-import fsdp_compression  # noqa: E402
+import fsdp_compression
 
 # codec -> (max |final loss - exact final loss| relative to the exact one, max wire/dense byte ratio)
 CASES = {"bf16": (0.02, 0.51), "fp16": (0.01, 0.51), "int8": (0.05, 0.3), "topk:ratio=0.25+ef": (0.25, 0.7)}

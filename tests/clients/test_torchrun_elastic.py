@@ -10,8 +10,7 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from multiproc import free_port  # noqa: E402
+from commlayer.testing.ports import free_port
 
 SCRIPT = Path(__file__).with_name("elastic_train.py")
 
