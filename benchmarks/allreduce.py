@@ -36,6 +36,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from commlayer.testing.machine import memcpy_gbps
 from commlayer.testing import run_world
 
 
@@ -56,18 +57,6 @@ def human(n: float) -> str:
 def _iters_for(nbytes: int, quick: bool, max_iters: int) -> int:
     budget = 2e8 if not quick else 5e7  # bytes moved per timing round
     return int(max(3, min(max_iters if not quick else 50, budget // max(nbytes, 1))))
-
-
-def memcpy_gbps(nbytes: int = 64 << 20, reps: int = 7) -> float:
-    """Median bandwidth of one torch copy of ``nbytes`` (bytes copied per second, in GB/s)."""
-    a, b = torch.ones(nbytes // 4), torch.empty(nbytes // 4)
-    b.copy_(a)
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        b.copy_(a)
-        times.append(time.perf_counter() - t0)
-    return nbytes / statistics.median(times) / 1e9
 
 
 def shm_bound_busbw(p: int, cores: int, memcpy: float) -> float:

@@ -37,23 +37,12 @@ from typing import Any
 
 import numpy as np
 
+from commlayer.testing.machine import memcpy_gbps
 from commlayer.demo.runner import run_world
 
 ROOT = Path(__file__).resolve().parents[1]
 DENSE = "gloo:dense"
 OTHERS = "gloo:postlocal:16;zmq:stream:16:4:qsgd:levels=7+ef;zmq:stream:auto:4:qsgd:levels=7+ef"
-
-
-def memcpy_gbps(mb: int = 256) -> float:
-    """Best of 3 copies of ``mb`` MiB with numpy (GB/s)."""
-    a = np.ones(mb << 18, dtype=np.float32)
-    b = np.empty_like(a)
-    best = float("inf")
-    for _ in range(3):
-        t0 = time.perf_counter()
-        np.copyto(b, a)
-        best = min(best, time.perf_counter() - t0)
-    return a.nbytes / best / 1e9
 
 
 def _burn(stop_at: float) -> None:

@@ -34,19 +34,8 @@ from pathlib import Path
 
 import torch
 
+from commlayer.testing.machine import memcpy_gbps
 from commlayer.fleet.schedule import Schedule, run
-
-
-def memcpy_gbps(nbytes: int = 64 << 20, reps: int = 7) -> float:
-    """Median bandwidth of one torch copy of ``nbytes`` (GB/s)."""
-    a, b = torch.ones(nbytes // 4), torch.empty(nbytes // 4)
-    b.copy_(a)
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        b.copy_(a)
-        times.append(time.perf_counter() - t0)
-    return nbytes / statistics.median(times) / 1e9
 
 
 def churn(work: Path, quick: bool) -> dict:

@@ -34,6 +34,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from commlayer.testing.machine import memcpy_gbps
 from commlayer.testing.liveness import Cell, failure_once, run_once
 
 CELLS = {c.name: c for c in (
@@ -80,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
                     "(local SIGKILL, remote SIGKILL, link cut); reports detection medians")
     a = ap.parse_args(argv)
     sizes = [float(s) for s in a.sizes.split(",") if s]
-    print(f"# {platform.node()}: {os.cpu_count()} cores, load {os.getloadavg()[0]:.1f}, memcpy {_memcpy_gbs():.1f} GB/s")
+    print(f"# {platform.node()}: {os.cpu_count()} cores, load {os.getloadavg()[0]:.1f}, memcpy {memcpy_gbps():.1f} GB/s")
     if a.failures:
         out: dict[str, Any] = {}
         for kind in ("local-kill", "remote-kill", "cut"):
@@ -117,17 +118,6 @@ def main(argv: list[str] | None = None) -> int:
     if a.json:
         Path(a.json).write_text(json.dumps(results, indent=1))
     return 0
-
-
-def _memcpy_gbs() -> float:
-    import numpy as np
-
-    src = np.ones(64 << 20, dtype=np.uint8)
-    dst = np.empty_like(src)
-    t0 = time.perf_counter()
-    for _ in range(5):
-        np.copyto(dst, src)
-    return 5 * src.nbytes / (time.perf_counter() - t0) / 1e9
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from commlayer.testing.machine import memcpy_gbps
 from commlayer.testing import run_world
 
 from commlayer.wan import emulated_world
@@ -56,15 +57,6 @@ def _worker(rank: int, world: int, envs: list[dict[str, str]], backend: str, mby
     return {"mbit": mbytes * 8 * 1.048576 * reps / dt, "encrypted": encrypted}
 
 
-def memcpy_gbs() -> float:
-    a = torch.empty(64 << 20, dtype=torch.uint8)
-    b = torch.empty_like(a)
-    t0 = time.perf_counter()
-    for _ in range(5):
-        b.copy_(a)
-    return 5 * a.numel() / (time.perf_counter() - t0) / 1e9
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rate", type=float, default=100.0, help="emulated link rate, Mbit/s")
@@ -74,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--links", default="loopback,emulated")
     args = ap.parse_args(argv)
-    print(f"# {os.cpu_count()} cores, memcpy {memcpy_gbs():.1f} GB/s; {args.mbytes} MiB x {args.reps} send/recv per round, "
+    print(f"# {os.cpu_count()} cores, memcpy {memcpy_gbps():.1f} GB/s; {args.mbytes} MiB x {args.reps} send/recv per round, "
           f"median of {args.rounds} rounds", flush=True)
     links = {"default": {"delay_ms": args.delay, "rate_mbit": args.rate}, "world_size": 2}
     for link in args.links.split(","):
