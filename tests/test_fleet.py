@@ -69,7 +69,11 @@ def test_peers_join_leave_and_die_without_losing_or_repeating_an_update(tmp_path
             assert first >= joined["round"], (j, first, joined)
         dead = ids["d0"]
         contributed = {rec["round"] for rec in a.records for o, *_ in rec["include"] if o == dead}
-        stale_member = [rec["round"] for rec in a.records if dead in rec["members"] and rec["round"] not in contributed]
+        assert contributed, "the device killed at round 8 never contributed"
+        # A live device may miss a round's deadline on a loaded machine (CI saw d0 late in round 1); what
+        # is checked is the death: once d0's last update landed it stays a member for at most one round.
+        stale_member = [rec["round"] for rec in a.records
+                        if dead in rec["members"] and rec["round"] > max(contributed)]
         assert len(stale_member) <= 1, stale_member  # out of the membership within one round
         assert all(rec["reason"] == "deadline" for rec in a.records if rec["round"] in stale_member)
         left = ids["d1"]
