@@ -63,7 +63,7 @@ def _call(spec: dict, group: Any) -> torch.Tensor:
     return t
 
 
-def _matrix_worker(rank: int, world: int, algos: tuple[str, ...]) -> list[dict]:
+def _matrix_worker(rank: int, world: int, algos: tuple[str, ...], warm: bool = False) -> list[dict]:
     dist.init_process_group("zmq", rank=rank, world_size=world, timeout=timedelta(seconds=30))
     out = []
     try:
@@ -74,6 +74,8 @@ def _matrix_worker(rank: int, world: int, algos: tuple[str, ...]) -> list[dict]:
                     bad = i % world if "root" not in name else (1 + i) % world
                     i += 1
                     group = dist.new_group(backend="zmq", pg_options=ZmqOptions(algo=algo))
+                    if warm:  # past the group's set-up call: co-located ranks' all-reduces then send no message
+                        dist.all_reduce(torch.ones(1), group=group)
                     spec = deviant if rank == bad else base
                     t0 = time.monotonic()
                     try:
@@ -92,12 +94,9 @@ def _matrix_worker(rank: int, world: int, algos: tuple[str, ...]) -> list[dict]:
     return out
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("world", [2, 3, 4])
-def test_mismatch_matrix_raises_on_every_rank_at_once(world: int) -> None:
-    res = run_world(_matrix_worker, world, ALGOS, timeout=280)
+def _check_matrix(res: list[list[dict]], world: int, algos: tuple[str, ...]) -> None:
     cells = len(res[0]) - 1
-    assert cells == len(ALGOS) * len(SIZES) * len(_cells(1))
+    assert cells == len(algos) * len(SIZES) * len(_cells(1))
     worst = 0.0
     for rank, rows in enumerate(res):
         for row in rows[:-1]:
@@ -111,6 +110,20 @@ def test_mismatch_matrix_raises_on_every_rank_at_once(world: int) -> None:
     took = sorted(r["took"] for rows in res for r in rows[:-1])
     print(f"world {world}: {len(took)} rank-cells, median {took[len(took) // 2] * 1e3:.1f} ms, max {worst * 1e3:.1f} ms")
     assert worst < 1.0, f"a mismatch took {worst:.2f} s to fail a rank (expected well under 1 s)"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("world", [2, 3, 4])
+def test_mismatch_matrix_raises_on_every_rank_at_once(world: int) -> None:
+    _check_matrix(run_world(_matrix_worker, world, ALGOS, timeout=280), world, ALGOS)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("world", [2, 4])
+def test_mismatch_after_the_shared_memory_setup_raises_on_every_rank_at_once(world: int) -> None:
+    """Co-located ranks past their group's first all-reduce compare fingerprints in shared memory (or
+    by a probe when a peer ran another collective): the same matrix must fail the same way."""
+    _check_matrix(run_world(_matrix_worker, world, ("auto",), True, timeout=280), world, ("auto",))
 
 
 def _detail_worker(rank: int, world: int) -> dict:
@@ -232,3 +245,32 @@ def test_an_empty_tensor_on_one_rank_is_a_mismatch_on_every_rank() -> None:
         for kind in EMPTY_KINDS:
             assert res[kind] == "CollectiveMismatch", (rank, kind, res)
             assert res[kind + "/all-empty"] == "returned", (rank, kind, res)
+
+
+def _silent_deviant_worker(rank: int, world: int) -> dict:
+    """Past the set-up, the last rank waits in a broadcast from rank 0 while the others all-reduce in shared
+    memory, which sends no message: the broadcast's fingerprint confirmation must still fail every rank."""
+    dist.init_process_group("zmq", rank=rank, world_size=world, timeout=timedelta(seconds=30))
+    try:
+        dist.all_reduce(torch.ones(1))  # the group's set-up call
+        t0 = time.monotonic()
+        try:
+            if rank == world - 1:
+                dist.broadcast(torch.ones(8), src=0)
+            else:
+                dist.all_reduce(torch.ones(8))
+            return {"raised": False, "msg": "", "took": time.monotonic() - t0}
+        except Exception as exc:
+            return {"raised": True, "msg": str(exc), "took": time.monotonic() - t0}
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_a_rank_waiting_in_another_collective_is_found_by_the_shared_memory_ranks(world: int) -> None:
+    res = run_world(_silent_deviant_worker, world, timeout=120)
+    for rank, r in enumerate(res):
+        assert r["raised"], f"rank {rank} returned from a mismatched call"
+        assert "collective mismatch" in r["msg"] and "broadcast" in r["msg"] and "allreduce" in r["msg"], (rank, r["msg"])
+        assert f"rank {world - 1}" in r["msg"], (rank, r["msg"])
+        assert r["took"] < 1.0, (rank, r["took"])

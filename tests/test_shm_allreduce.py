@@ -142,10 +142,9 @@ def test_every_dtype_and_op_matches_reference_and_gloo_bit_identical_on_every_ra
     for r in res:
         assert r["region"], r["why"]
         assert r["errors"] == [], "\n".join(r["errors"][:20])
-        # After set-up the data of every all-reduce went through shared memory: the sockets carried only
-        # each call's fingerprint (one payload-free message to each peer), nothing else.
-        assert r["sent_bytes"] == 0, r["sent_bytes"]
-        assert r["sent"] == r["calls"] * (world - 1), (r["sent"], r["calls"])
+        # After set-up the data and the fingerprints of every all-reduce went through shared memory: the
+        # sockets carried no message at all.
+        assert r["calls"] > 200 and r["sent_bytes"] == 0 and r["sent"] == 0, (r["sent"], r["sent_bytes"], r["calls"])
         assert r["gloo_compared"] >= 150, r["gloo_compared"]
     for r in res[1:]:
         assert r["digests"] == res[0]["digests"], [k for k in r["digests"] if r["digests"][k] != res[0]["digests"].get(k)]

@@ -38,6 +38,7 @@ _WIRE_DTYPES: dict[torch.dtype, str] = {
     torch.uint16: "uint16", torch.uint32: "uint32", torch.uint64: "uint64",
 }
 _TORCH_DTYPES = {v: k for k, v in _WIRE_DTYPES.items()}
+WIRE_DTYPES: tuple[torch.dtype, ...] = tuple(_WIRE_DTYPES)  # every dtype the wire carries, in a fixed order
 
 
 def wire_dtype(dtype: torch.dtype) -> str:

@@ -16,6 +16,13 @@ as a sequential numpy/torch fold), by exactly one rank or identically by all, so
 with bit-identical results. Buffers alternate by barrier parity: data published at barrier g is
 read between passing g and arriving at g+1, so it is never overwritten while read.
 
+Past the set-up no socket message is sent: each rank publishes its call's fingerprint (sequence,
+size, dtype, reduce op; :mod:`~commlayer.topologies.shm_fingerprint`) beside its first input, and
+every rank compares all of them after the first barrier, before reading any input, so a
+disagreement fails every rank alike. A peer that runs another collective instead never arrives;
+that collective's messages or fingerprint confirmations reach this rank's transport, whose
+failure the waits below check.
+
 Every wait is bounded by the operation's timeout and checks, about every 20 ms, the peer's
 process (pid) and the transport's failure state, raising :class:`PeerFailure` or
 :class:`CommTimeout` naming the peer. Set-up (the group's first all-reduce) runs over the
@@ -39,6 +46,7 @@ import torch
 from commlayer import settings
 from commlayer.topologies.comm import Group, OpComm
 from commlayer.topologies.reduce_ops import ReduceOp, combine_
+from commlayer.topologies.shm_fingerprint import compare_tags, call_tag
 from commlayer.topologies.ring import even_bounds
 from commlayer.transport import shm_region
 from commlayer.transport.errors import CommError, CommTimeout, PeerFailure, rewrap
@@ -119,8 +127,14 @@ def shm_allreduce(comm: OpComm, flat: torch.Tensor, op: ReduceOp, enabled: bool 
     state = _states.get(comm.group)
     if state is not None and state.region is None:
         return False
-    # The region carries no fingerprint: every rank's call is compared over the sockets first (one
-    # payload-free message per peer), so a disagreement fails at once, before any buffer is touched.
+    if state is not None and flat.numel() and comm.shapes is None:
+        # Steady state: the fingerprint travels in the region beside the data (no socket message) and
+        # every rank compares all of them after the first barrier, before it reads any input.
+        comm.declare(count=flat.numel(), dtype=flat.dtype, redop=op)
+        _allreduce(state, comm, flat, op)
+        return True
+    # The group's first call (set-up), an empty call or the debug mode's shape check: every rank's call
+    # is compared over the sockets first (one payload-free message per peer).
     comm.declare(count=flat.numel(), dtype=flat.dtype, redop=op, confirm=True)
     comm.finish()
     if state is None:
@@ -151,6 +165,9 @@ def _allreduce(state: _State, comm: OpComm, flat: torch.Tensor, op: ReduceOp) ->
     p, r, dt, n = comm.size, comm.rank, flat.dtype, flat.numel()
     esize = flat.element_size()
     deadline = time.monotonic() + comm.timeout
+    # A peer that runs another collective instead never arrives; that collective's messages or its
+    # fingerprint confirmations (rooted ones) reach this rank's transport, which fails the group (check).
+    mine = call_tag(comm, flat, op)
 
     def check(q: int, now: float) -> None:
         _check_peer(state, comm, q, now, deadline)
@@ -160,9 +177,11 @@ def _allreduce(state: _State, comm: OpComm, flat: torch.Tensor, op: ReduceOp) ->
         reg.wait_all(g, deadline, state.spin, check)
         return g
 
+    reg.set_tag((reg.gen + 1) % 2, mine)
     if n * esize * p <= state.small_bytes:
         reg.inputs((reg.gen + 1) % 2, dt, 0, n)[r].copy_(flat)
         g = barrier()
+        compare_tags(comm, reg.tags(g % 2), mine)
         _fold(flat, reg.inputs(g % 2, dt, 0, n), op)
         return
     cap = reg.area_bytes // esize
@@ -180,6 +199,7 @@ def _allreduce(state: _State, comm: OpComm, flat: torch.Tensor, op: ReduceOp) ->
 
     bounds = publish((reg.gen + 1) % 2, 0)
     g = barrier()
+    compare_tags(comm, reg.tags(g % 2), mine)
     for k, lo in enumerate(starts):
         a, b = bounds[r]
         outs = reg.results((g + 1) % 2, dt, [y - x for x, y in bounds])

@@ -1,7 +1,7 @@
 """A shared-memory region for the ranks of one group on one machine: flag words and byte areas.
 
 One segment in ``/dev/shm`` holds a control page (one 32-bit flag word per rank, each on its own
-cache line) and, per rank, two byte areas of ``area_bytes`` (inputs) and two of ``result_bytes``
+cache line, whose rest holds two slots of three tag words the caller fills, e.g. a fingerprint) and, per rank, two byte areas of ``area_bytes`` (inputs) and two of ``result_bytes``
 (reduced slices). The creator unlinks the file as soon as every rank has mapped it, so the
 kernel frees the memory when the last rank unmaps it or dies, whatever way it exits. The name
 carries the creator's pid, so a segment left by a creator killed before that point is removed
@@ -116,6 +116,8 @@ class Region:
         self._flags = words[: nranks * LINE // 4: LINE // 4]
         self._release = words[nranks * LINE // 4:][:1]  # its own cache line after the flags
         self._release_addr = words.ctypes.data + nranks * LINE
+        # The rest of each rank's flag line: two slots (by barrier parity) of three tag words.
+        self._tagv = np.frombuffer(mm, dtype=np.int64, count=nranks * LINE // 8).reshape(nranks, LINE // 8)
         self.interrupts = 0  # bumped by interrupt(): waiters check liveness at once
         ctl = _round_up((nranks + 1) * LINE, ALIGN)
         per = 2 * area_bytes + 2 * result_bytes
@@ -144,6 +146,18 @@ class Region:
     def results(self, buf: int, dtype: torch.dtype, counts: list[int]) -> list[torch.Tensor]:
         """Every rank's result area ``buf``, rank ``q``'s as ``counts[q]`` elements of ``dtype``."""
         return [v[:n] for v, n in zip(self._typed(1, buf, dtype), counts)]
+
+    def set_tag(self, buf: int, words: tuple[int, int, int]) -> None:
+        """Stores three words in this rank's tag slot ``buf`` (0/1), visible with its next arrival.
+
+        Readers read slot ``g % 2`` after barrier ``g``; a rank writes that slot again only for barrier
+        ``g + 2``, which nobody passes before every rank has arrived at ``g + 1``, so reads never race writes.
+        """
+        self._tagv[self.rank, 1 + 3 * buf:4 + 3 * buf] = words
+
+    def tags(self, buf: int) -> list[list[int]]:
+        """Every rank's tag slot ``buf`` (valid for the barrier with that parity this rank just passed)."""
+        return self._tagv[:, 1 + 3 * buf:4 + 3 * buf].tolist()  # type: ignore[no-any-return]
 
     # ---- synchronisation --------------------------------------------------------------------
     def arrive(self) -> int:
@@ -205,7 +219,7 @@ class Region:
 
     def close(self) -> None:
         """Unmaps the segment (later, when the last view dies, if views are still alive)."""
-        self._bytes = self._flags = None  # type: ignore[assignment]
+        self._bytes = self._flags = self._tagv = None  # type: ignore[assignment]
         self._views.clear()
         try:
             self.mm.close()
