@@ -22,7 +22,7 @@ from commlayer.testing import liveness as L
 from commlayer.transport.errors import CommTimeout
 from commlayer.transport.flow import SendQueue
 from commlayer.transport.liveness import MIN_RTO, LivenessConfig, RttEstimator, process_state
-from commlayer.transport.receive import DISCONNECT_GRACE
+from commlayer.transport.inbound import DISCONNECT_GRACE
 from commlayer.transport.tcpinfo import TcpView, scan
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -2,7 +2,8 @@
 
 * :func:`free_port` (:mod:`.ports`): the one free-port helper.
 * :func:`run_world`, :class:`Ranks`, :func:`run_ranks` (:mod:`.launch`): the one multi-process
-  launcher (functions in spawned processes, or command lines in their own sessions).
+  launcher (functions in spawned processes, or command lines in their own sessions); its bounded
+  wait loop and process stopping, shared by both front ends, are in :mod:`.supervise`.
 * :mod:`.reference`: reference reductions (numpy / plain torch) results are compared against.
 * :mod:`.reliability`: kill injection, frame fuzzing, soak and timeout runs
   (``benchmarks/reliability.py`` is its command line; ``tests/test_reliability*.py`` its CI-sized runs).

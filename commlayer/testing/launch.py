@@ -1,7 +1,7 @@
 """The one multi-process launcher: N local ranks as real processes, bounded in time, never left behind.
 
-Two front ends share one supervision loop (:func:`_supervise`) and one way to stop processes
-(:func:`_stop`):
+Two front ends share one supervision loop and one way to stop processes
+(:mod:`commlayer.testing.supervise`):
 
 * :class:`Ranks` / :func:`run_world`: ``fn(rank, world, *args)`` in N processes of a
   multiprocessing context (spawn by default; the reliability harness passes a forkserver that has
@@ -33,10 +33,9 @@ from pathlib import Path
 from typing import IO, Any, Callable, Mapping, Sequence
 
 from commlayer.testing.ports import free_port
+from commlayer.testing.supervise import signal_quietly, sleep_tick, stop_sessions, supervise
 
 logger = logging.getLogger(__name__)
-
-_POLL_S = 0.05
 
 
 def torchrun_env(world: int, master_port: int | None = None, master_addr: str = "127.0.0.1") -> dict[str, str]:
@@ -154,7 +153,7 @@ class Ranks:
                 take(ev)
             return True
 
-        _supervise(timeout, lambda: len(got) == len(ranks), tick, poll_s=0.5)
+        supervise(timeout, lambda: len(got) == len(ranks), tick, poll_s=0.5)
         return got
 
     def stacks(self, rank: int) -> str:
@@ -179,7 +178,7 @@ class Ranks:
         for r in leftovers:
             pid = self.procs[r].pid
             if pid is not None:
-                _signal(pid, signal.SIGCONT, group=False)  # a frozen rank must be able to die
+                signal_quietly(pid, signal.SIGCONT, group=False)  # a frozen rank must be able to die
             self.procs[r].kill()
             self.procs[r].join(timeout=5)
         self.q.close()
@@ -286,48 +285,12 @@ def run_ranks(commands: Sequence[Sequence[str]], envs: Sequence[Mapping[str, str
             t = threading.Thread(target=forward, args=(r, p.stdout), daemon=True, name=f"rank-{r}-output")
             t.start()
             readers.append(t)
-        finished = _supervise(timeout_s, done, _sleep)
+        finished = supervise(timeout_s, done, sleep_tick)
         if not finished:
             logger.error("ranks timed out after %.1f s; terminating all", timeout_s or 0.0)
         codes = [p.poll() for p in procs]
     finally:
-        _stop(procs)
+        stop_sessions(procs)
         for t in readers:
             t.join(timeout=5.0)
     return RanksOutcome(codes, not finished, (first["rank"], first["code"]) if first else None)
-
-
-def _supervise(timeout_s: float | None, done: Callable[[], bool], tick: Callable[[float], bool],
-               poll_s: float = _POLL_S) -> bool:
-    """Calls ``tick(wait)`` until ``done()`` or ``timeout_s``; a tick returning False ends early. True if done."""
-    deadline = None if timeout_s is None else time.monotonic() + timeout_s
-    while not done():
-        remaining = poll_s if deadline is None else deadline - time.monotonic()
-        if remaining <= 0 or not tick(min(remaining, poll_s)):
-            return done()
-    return True
-
-
-def _sleep(wait_s: float) -> bool:
-    time.sleep(wait_s)
-    return True
-
-
-def _signal(pid: int, sig: int, group: bool) -> None:
-    try:
-        (os.killpg if group else os.kill)(pid, sig)  # by id: the rank's own session or the process itself
-    except (ProcessLookupError, PermissionError):
-        pass
-
-
-def _stop(procs: Sequence[subprocess.Popen[str]], wait_s: float = 5.0) -> None:
-    alive = [p for p in procs if p.poll() is None]
-    for p in alive:
-        _signal(p.pid, signal.SIGTERM, group=True)
-    deadline = time.monotonic() + wait_s
-    for p in alive:
-        try:
-            p.wait(timeout=max(0.01, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            _signal(p.pid, signal.SIGKILL, group=True)
-            p.wait(timeout=wait_s)

@@ -139,6 +139,13 @@ def connect_overrides() -> dict[int, str]:
         raise ValueError(f"COMMLAYER_CONNECT_OVERRIDES: expected a JSON object {{rank: endpoint}}, got {raw!r} ({exc})") from None
 
 
+def peer_address(info: EndpointInfo, my_host_id: str, override: str | None) -> str:
+    """Where to connect to the peer ``info``: its override if any, else ipc:// on this machine, else TCP."""
+    if override is not None:
+        return override
+    return info.ipc if info.ipc and info.host_id == my_host_id else info.tcp
+
+
 def exchange_endpoints(store: Any, rank: int, world_size: int, mine: EndpointInfo, timeout: float,
                        prefix: str = "commlayer/ep") -> dict[int, EndpointInfo]:
     """Publishes this rank's endpoints in the c10d store and reads every peer's.

@@ -1,13 +1,13 @@
 """The ZeroMQ transport: one listening ROUTER per rank, one DEALER per peer, a background I/O thread.
 
 Outgoing messages are written by the calling thread straight into the peer's DEALER (guarded by
-a lock); ZeroMQ's own I/O thread does the socket work. Incoming messages are read by one
-background thread, validated, and delivered into the :class:`Mailbox`, where operations pick
-them up with timeouts. Peer failure is detected from socket events (disconnect), a pidfd per
-co-located peer and adaptive heartbeats on a separate, equally authenticated control connection
-(:mod:`commlayer.transport.heartbeat`), and fails every wait that needs the peer. Sends wait while
-too many bytes are queued towards a peer (:mod:`commlayer.transport.flow`); ``close()`` lives in
-:mod:`commlayer.transport.shutdown`.
+a lock); ZeroMQ's own I/O thread does the socket work. Incoming messages are read by the
+transport's :class:`~commlayer.transport.receive.Receiver` (a composed object; the waiting thread
+or the I/O thread), validated and delivered into the :class:`Mailbox`, where operations pick them
+up with timeouts. Peer failure is detected from socket events, a pidfd per co-located peer and
+adaptive heartbeats on a separate control connection (:mod:`commlayer.transport.heartbeat`), and
+fails every wait that needs the peer. Sends wait while too many bytes are queued towards a peer
+(:mod:`commlayer.transport.flow`); ``close()`` lives in :mod:`commlayer.transport.shutdown`.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import os
 import threading
 import time
 import uuid
+from contextlib import suppress
 from dataclasses import replace
 from typing import Any, Callable, Sequence
 
@@ -24,25 +25,24 @@ import zmq
 
 from commlayer.transport import envelope, shm
 from commlayer.transport.config import TransportConfig
-from commlayer.transport.endpoints import EndpointInfo, choose_host, connect_overrides, host_id, ipc_path
+from commlayer.transport.endpoints import EndpointInfo, choose_host, connect_overrides, host_id, ipc_path, peer_address
 from commlayer.transport.errors import CollectiveMismatch, CommError, CommTimeout, PeerFailure, TransportClosed
 from commlayer.transport.flush import Flush
 from commlayer.transport.flow import SendQueue
 from commlayer.transport.heartbeat import Heartbeats
 from commlayer.transport.hello import handshake
 from commlayer.transport.mailbox import Limits, Mailbox, Message, P2PCallback
-from commlayer.transport.receive import Receiver
+from commlayer.transport.inbound import ReceiveHooks
+from commlayer.transport.receive import Observer, Receiver
 from commlayer.transport.shutdown import Shutdown
 from commlayer.transport.security import Credentials, CurveKeys, keys_from_env, start_authenticator
 from commlayer.transport.sockets import MONITOR_EVENTS, Peer, dealer_socket, router_socket, send_frames
 from commlayer.transport.wire import Call, Header, Kind, with_sizes
 
-Observer = Callable[[int, int, float], None]
-
 logger = logging.getLogger(__name__)
 
 
-class Transport(Receiver, Heartbeats, Shutdown):
+class Transport(Heartbeats, Shutdown):
     """Moves byte frames between the ranks of one job.
 
     Args:
@@ -64,9 +64,7 @@ class Transport(Receiver, Heartbeats, Shutdown):
         c = self.config
         self.mailbox = Mailbox(Limits(c.mailbox_bytes, c.mailbox_messages, c.mailbox_peer_bytes, c.mailbox_message_bytes), rank)
         self.mailbox.add_mismatch_listener(self._warn_mismatch)
-        self.rejected = 0
         self.first_failure: int | None = None  # the first rank this rank found failed (told to peers in its goodbye)
-        self.stalled: tuple[float, float] = (0.0, 0.0)  # (when, seconds) of this process's last stall
         self._ctx = zmq.Context(io_threads=1)
         if creds is None:
             keys = curve if curve is not None else keys_from_env(rank, world_size)
@@ -77,14 +75,6 @@ class Transport(Receiver, Heartbeats, Shutdown):
         self._router = router_socket(self._ctx, self.config, creds)
         self._peers: dict[int, Peer] = {}
         self._listeners: list[Callable[[int, str], None]] = []
-        self._io_thread: threading.Thread | None = None
-        self._ctrl_send: zmq.Socket | None = None
-        self._wake_send: zmq.Socket | None = None
-        self._wake_lock = threading.Lock()
-        self._rx_lock = threading.Lock()
-        self._rx_demand = 0
-        self._last_demand = 0.0
-        self._io_idle = False
         self._closing = threading.Event()
         self._closed = False
         self._close_lock = threading.Lock()
@@ -98,6 +88,11 @@ class Transport(Receiver, Heartbeats, Shutdown):
         self.endpoint: EndpointInfo | None = None
         self.peer_info: dict[int, EndpointInfo] = {}
         self._close_hooks: list[Callable[[], None]] = []  # add_close_hook(): run by close()
+        hooks = ReceiveHooks(send=self.send, peer_down=self._peer_down, peer_left=self._peer_left, heard=self._heard,
+                             on_live=self._on_live, suspect=self._suspect, live_fds=self._live_fds, on_pidfd=self._on_pidfd,
+                             tick=self._live_poll)  # the receiver's only way back into the transport
+        self._rx = Receiver(rank, world_size, self.config, creds, self.mailbox, self._router, self._peers, self._closing,
+                            self.recv_observers, hooks)
 
     # ---- setup ----------------------------------------------------------------------------
     def listen(self) -> EndpointInfo:
@@ -142,12 +137,7 @@ class Transport(Receiver, Heartbeats, Shutdown):
         for p, info in sorted(endpoints.items()):
             if p == self.rank:
                 continue
-            if p in overrides:
-                ep = overrides[p]
-            elif info.ipc and info.host_id == self.endpoint.host_id:
-                ep = info.ipc
-            else:
-                ep = info.tcp
+            ep = peer_address(info, self.endpoint.host_id, overrides.get(p))
             sock = dealer_socket(self._ctx, self.config, self.creds, self.rank, p, info.curve_public)
             monitor = sock.get_monitor_socket(MONITOR_EVENTS)
             sock.connect(ep)
@@ -156,24 +146,22 @@ class Transport(Receiver, Heartbeats, Shutdown):
             self._live_peer(self._peers[p], info, ep)
         hosts = [x.live.host for x in self._peers.values() if x.live.host]
         self._shared_hosts = {h for h in hosts if hosts.count(h) > 1}
-        ctrl_recv, self._ctrl_send = self._pair("ctrl")
-        wake_recv, self._wake_send = self._pair("wake")
-        self._io_thread = threading.Thread(target=self._io_loop, args=(ctrl_recv, wake_recv), name=f"commlayer-io-{self.rank}",
-                                           daemon=True)
-        self._io_thread.start()
-
-    def _pair(self, name: str) -> tuple[zmq.Socket, zmq.Socket]:
-        a = self._ctx.socket(zmq.PAIR)
-        a.bind(f"inproc://{name}-{self.nonce}")
-        b = self._ctx.socket(zmq.PAIR)
-        b.connect(f"inproc://{name}-{self.nonce}")
-        return a, b
+        self._rx.start(self._ctx, self.nonce, self.endpoint.host_id, self.peer_info)
 
     def handshake(self, timeout: float) -> None:
         """Exchanges HELLO with every peer, proving both directions work before the first op."""
         handshake(self, timeout)
 
     # ---- data path ------------------------------------------------------------------------
+    def recv(self, channel: str, seq: int, step: int, chunk: int, src: int, timeout: float | None = None,
+             what: str = "") -> Message:
+        """Waits for the message (channel, seq, step, chunk) from ``src`` (see :meth:`Receiver.recv`)."""
+        return self._rx.recv(channel, seq, step, chunk, src, timeout, what)
+
+    @property
+    def rejected(self) -> int:
+        return self._rx.rejected  # messages dropped as malformed, misnamed or unauthenticated
+
     def send(self, peer: int, header: Header, frames: Sequence[Any], track: bool = False) -> Flush:
         """Sends a header and raw frames to ``peer``; large frames go zero-copy.
 
@@ -186,13 +174,7 @@ class Transport(Receiver, Heartbeats, Shutdown):
         p = self._peers.get(peer)
         if p is None:
             raise ValueError(f"Expected a peer rank in [0, {self.world_size}), got {peer}")
-        if p.state in ("dead", "left") or self._closing.is_set():
-            if self._closing.is_set():
-                raise TransportClosed(f"{header.op} #{header.seq}: the transport of rank {self.rank} is shut down")
-            why = self.mailbox.failure_for("", peer)  # names the rank to blame (maybe not ``peer``)
-            raise PeerFailure(f"{header.op} #{header.seq} in {header.channel!r}: cannot send to rank {peer}: "
-                              + (str(why) if why is not None else "it " + ("shut down" if p.state == "left" else "failed")),
-                              peer=getattr(why, "peer", peer))
+        self._check_sendable(p, header)
         if frames and not header.nbytes:
             header = with_sizes(header, frames)
         if p.shm_ok and frames and sum(header.nbytes) >= self.config.shm_min:
@@ -269,18 +251,14 @@ class Transport(Receiver, Heartbeats, Shutdown):
         """Tells every other rank of the group that the channel's calls disagree (they fail it at once)."""
         abort = envelope.control(Kind.ABORT, channel, self.rank, meta={"error": str(error)[:2000], "ranks": list(error.ranks)})
         for r in (r for r in ranks if r in self._peers and self._peers[r].state in ("connecting", "connected")):
-            try:
+            with suppress(CommError):  # that peer is failing anyway
                 self.send(r, abort, [])
-            except CommError:
-                pass
 
     def release_ipc_path(self) -> None:
         """Unlinks the ipc:// socket file once every peer is connected (nothing left however the process exits)."""
         if self._ipc_file:
-            try:
+            with suppress(OSError):
                 os.unlink(self._ipc_file)
-            except OSError:
-                pass
             self._ipc_file = ""
 
     @property
@@ -310,11 +288,8 @@ class Transport(Receiver, Heartbeats, Shutdown):
                               peer=getattr(why, "peer", p.rank))
 
     def peer_stats(self) -> dict[int, dict[str, Any]]:
-        return {p: {"endpoint": x.endpoint, "state": x.state, "bytes_sent": x.bytes_sent, "bytes_recv": x.bytes_recv,
-                    "msgs_sent": x.msgs_sent, "msgs_recv": x.msgs_recv, "queued_bytes": x.queue.queued,
-                    "queue_peak_bytes": x.queue.peak, "queue_waits": x.queue.waits,
-                    "live_timeout_s": x.live.timeout(self.liveness) if x.live else None,
-                    "srtt_s": x.live.rtt.srtt if x.live else None} for p, x in self._peers.items()}
+        """Per peer: endpoint, state, counters, send-queue figures and liveness estimates (:meth:`Peer.stats`)."""
+        return {p: x.stats(self.liveness) for p, x in self._peers.items()}
 
     @property
     def closed(self) -> bool:

@@ -22,7 +22,7 @@ import zmq
 
 from commlayer.transport import envelope
 from commlayer.transport.endpoints import EndpointInfo
-from commlayer.transport.receive import LOCAL_GRACE
+from commlayer.transport.inbound import LOCAL_GRACE
 from commlayer.transport.liveness import LIVE_CHANNEL, LivenessConfig, PeerLive, open_pidfd, verdict
 from commlayer.transport.sockets import dealer_socket
 from commlayer.transport.state import TransportState
@@ -165,6 +165,33 @@ class Heartbeats(TransportState):
         self.mailbox.peer_failed(p.rank, text + (f", after: {why}" if why else ""), culprit)
         for cb in list(self._listeners):
             cb(p.rank, "left")
+
+    def _peer_down(self, peer: int, reason: str) -> None:
+        """Declares ``peer`` failed (blaming this rank instead if it was just stalled) and tells the failure listeners."""
+        p = self._peers[peer]
+        if p.state == "dead":
+            return
+        p.state = "dead"
+        culprit = peer
+        at, gap = self._rx.stalled
+        if gap and time.monotonic() - at < 4 * self.config.heartbeat + 2.0:  # blame the stall, not the peer
+            culprit = self.rank
+            reason = (f"this rank (rank {self.rank}) was stalled for {gap:.1f} s (stopped, swapped out or starved), so its link "
+                      f"to rank {peer} timed out; rank {peer} is probably alive ({reason})")
+        if self.first_failure is None:
+            self.first_failure = culprit
+        logger.warning("rank %d: rank %d failed: %s", self.rank, peer, reason)
+        self.mailbox.peer_failed(peer, reason, culprit)
+        for cb in list(self._listeners):
+            try:
+                cb(peer, reason)
+            except Exception:  # pragma: no cover - listener bugs must not kill the I/O thread
+                logger.exception("failure listener raised")
+
+    def _live_poll(self) -> None:
+        """Once per turn of the I/O thread: suspects whose grace ran out, then due heartbeats and silent peers."""
+        self._check_suspects()
+        self._live_tick()
 
     def _check_suspects(self) -> None:
         now = time.monotonic()

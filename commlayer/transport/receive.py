@@ -1,37 +1,111 @@
-"""The receiving half of the transport: leader/follower reads, the I/O thread, validation, failure detection.
+"""The receiving half of the transport: leader/follower reads of the socket and the I/O thread.
 
-Mixed into :class:`commlayer.transport.engine.Transport`, whose attributes it uses (the ROUTER socket,
-the peers, the mailbox, the locks). The thread that waits for a message reads the socket itself
-when no other thread does; the I/O thread reads only while nobody waits, and always watches the
-peers' connection events.
+A :class:`Receiver` is owned by :class:`commlayer.transport.engine.Transport`, which hands it the
+ROUTER socket, the peer table and the mailbox, and gets liveness and failure decisions back
+through :class:`~commlayer.transport.inbound.ReceiveHooks`; what arrives is validated and
+dispatched by :class:`~commlayer.transport.inbound.Inbound`. The thread that waits for a message
+reads the socket itself when no other thread does; the I/O thread reads only while nobody waits,
+and always watches the peers' connection events.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 import time
-from typing import Any
+from contextlib import contextmanager
+from typing import Callable, Iterator, Mapping
 
 import zmq
-from zmq.utils.monitor import recv_monitor_message
 
-from commlayer.transport import envelope, shm
-from commlayer.transport.errors import CollectiveMismatch, CommError, TransportClosed, WireError
-from commlayer.transport.liveness import LIVE_CHANNEL
-from commlayer.transport.mailbox import Message, timeout_error
-from commlayer.transport.security import user_id
-from commlayer.transport.wire import PART_BYTES, Header, Kind, check_frames, join_frames, unpack_header
+from commlayer.transport.config import TransportConfig
+from commlayer.transport.endpoints import EndpointInfo
+from commlayer.transport.errors import CommError, TransportClosed
+from commlayer.transport.inbound import Inbound, ReceiveHooks
+from commlayer.transport.mailbox import Mailbox, Message, timeout_error
+from commlayer.transport.security import Credentials
+from commlayer.transport.sockets import Peer
 
 logger = logging.getLogger("commlayer.transport.engine")
 
-DISCONNECT_GRACE = 0.25  # seconds a dropped connection may still deliver the peer's last data and goodbye
-LOCAL_GRACE = 0.005  # the same for a co-located peer: its data is already in this machine's socket buffers, and its
-# early goodbye (control connection) says whether it left; short, so survivors report before torchrun tears down
+Observer = Callable[[int, int, float], None]
 
 
 class Receiver:
-    """Receive-side methods of the transport (see the module docstring)."""
+    """Receives for one transport (see the module docstring).
 
+    Args:
+        rank, world_size, config, creds, mailbox: the owning transport's.
+        router: the listening socket; read by whichever thread holds the receive turn.
+        peers: the transport's peer table (filled by ``connect`` before :meth:`start`).
+        closing: set by the transport when it shuts down.
+        observers: ``observer(peer, nbytes, seconds waited)`` for every message taken by :meth:`recv`.
+        hooks: the transport's side (liveness and failures).
+    """
+
+    def __init__(self, rank: int, world_size: int, config: TransportConfig, creds: Credentials, mailbox: Mailbox,
+                 router: zmq.Socket, peers: Mapping[int, Peer], closing: threading.Event, observers: list[Observer],
+                 hooks: ReceiveHooks) -> None:
+        self.rank = rank
+        self.config = config
+        self.mailbox = mailbox
+        self.stalled: tuple[float, float] = (0.0, 0.0)  # (when, seconds) of this process's last stall
+        self._router = router
+        self._peers = peers
+        self._closing = closing
+        self._observers = observers
+        self._hooks = hooks
+        self._inbound = Inbound(rank, world_size, creds, mailbox, peers, closing, hooks)
+        self._thread: threading.Thread | None = None
+        self._ctrl_send: zmq.Socket | None = None
+        self._wake_send: zmq.Socket | None = None
+        self._wake_lock = threading.Lock()
+        self._rx_lock = threading.Lock()
+        self._rx_demand = 0
+        self._last_demand = 0.0
+        self._io_idle = False
+
+    @property
+    def rejected(self) -> int:
+        """Messages dropped as malformed, misnamed or unauthenticated."""
+        return self._inbound.rejected
+
+    # ---- lifecycle (called by the transport) ---------------------------------------------------
+    def start(self, ctx: zmq.Context, nonce: str, host_id: str, peer_info: Mapping[int, EndpointInfo]) -> None:
+        """Starts the I/O thread once every peer is in the table; ``host_id``: this machine's."""
+        self._inbound.connected(host_id, peer_info)
+        ctrl_recv, self._ctrl_send = _pair(ctx, f"ctrl-{nonce}")
+        wake_recv, self._wake_send = _pair(ctx, f"wake-{nonce}")
+        self._thread = threading.Thread(target=self._io_loop, args=(ctrl_recv, wake_recv), name=f"commlayer-io-{self.rank}",
+                                        daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Ends the I/O thread (waits up to ``timeout`` s)."""
+        if self._thread is not None and self._ctrl_send is not None:
+            with self._wake_lock:
+                self._ctrl_send.send(b"stop")
+            self._thread.join(timeout=timeout)
+
+    @contextmanager
+    def socket_released(self, timeout: float) -> Iterator[bool]:
+        """Holds the receive turn (up to ``timeout`` s to get it) so no thread is inside the socket; yields whether it got it."""
+        got = self._rx_lock.acquire(timeout=timeout)
+        try:
+            yield got
+        finally:
+            if got:
+                self._rx_lock.release()
+
+    def close_pipes(self) -> None:
+        """Closes the inproc sockets that stop and wake the I/O thread (after :meth:`stop`)."""
+        with self._wake_lock:
+            for s in (self._ctrl_send, self._wake_send):
+                if s is not None:
+                    s.close(linger=0)
+            self._wake_send = None
+
+    # ---- waiting for a message -------------------------------------------------------------------
     def recv(self, channel: str, seq: int, step: int, chunk: int, src: int, timeout: float | None = None,
              what: str = "") -> Message:
         """Waits for the message (channel, seq, step, chunk) from ``src``.
@@ -49,7 +123,7 @@ class Receiver:
             waited = time.monotonic() - t0
         else:
             waited = 0.0
-        for obs in list(self.recv_observers):
+        for obs in list(self._observers):
             obs(src, msg.nbytes, waited)
         return msg
 
@@ -95,11 +169,13 @@ class Receiver:
                 frames = self._router.recv_multipart(zmq.NOBLOCK, copy=False)
             except zmq.Again:
                 return
-            self._handle(frames)
+            self._inbound.handle(frames)
 
+    # ---- the I/O thread --------------------------------------------------------------------------
     def _io_loop(self, ctrl: zmq.Socket, wake: zmq.Socket) -> None:
         # Reads the socket only while no operation thread wants to (they read it themselves), and
         # always watches the peers' connection events.
+        hooks = self._hooks
         busy = zmq.Poller()
         busy.register(ctrl, zmq.POLLIN)
         busy.register(wake, zmq.POLLIN)
@@ -108,7 +184,7 @@ class Receiver:
             if p.monitor is not None:
                 busy.register(p.monitor, zmq.POLLIN)
                 monitors[p.monitor] = p
-        pidfds = self._live_fds()
+        pidfds = hooks.live_fds()
         for fd in pidfds:
             busy.register(fd, zmq.POLLIN)
         idle = zmq.Poller()
@@ -145,18 +221,17 @@ class Receiver:
                     break
                 for fd, p in pidfds.items():
                     if fd in events:
-                        self._on_pidfd(p)
+                        hooks.on_pidfd(p)
                         busy.unregister(fd)
                         idle.unregister(fd)
                 pidfds = {fd: p for fd, p in pidfds.items() if fd not in events}
-                self._check_suspects()
-                self._live_tick()
+                hooks.tick()
                 if wake in events:
                     while wake.poll(0):
                         wake.recv()
                 for sock, p in monitors.items():
                     if sock in events:
-                        self._handle_monitor(sock, p)
+                        self._inbound.monitor_events(sock, p)
         except Exception as exc:  # pragma: no cover - defensive: never die silently
             logger.exception("rank %d: I/O thread crashed", self.rank)
             self.mailbox.close(CommError(f"rank {self.rank}: the commlayer I/O thread crashed: {exc!r}"))
@@ -171,133 +246,11 @@ class Receiver:
             return 100
         return max(1, min(100, int((min(due) - time.monotonic()) * 1000) + 1))
 
-    def _handle(self, frames: list[zmq.Frame]) -> None:
-        ident = frames[0].bytes
-        try:
-            if len(frames) < 2:
-                raise WireError("expected an envelope and a header frame, got only the envelope")
-            header = unpack_header(frames[1].buffer)
-            # Identity first: nothing of an unauthenticated or misnamed sender is joined, mapped or buffered.
-            live = header.channel == LIVE_CHANNEL and header.kind in (Kind.PING, Kind.PONG)
-            ctrl_ok = live or header.kind == Kind.BYE  # the control connection carries heartbeats and an early goodbye
-            idents = (f"r{header.src}".encode(), f"c{header.src}".encode()) if ctrl_ok else (f"r{header.src}".encode(),)
-            if not (0 <= header.src < self.world_size) or header.src == self.rank or ident not in idents:
-                raise WireError(f"header claims src={header.src} but the connection identifies as {ident!r}")
-            if not self.creds.accepts(header.src, user_id(frames[1])):
-                raise WireError(f"message claims src={header.src} but its connection authenticated as another peer "
-                                f"({user_id(frames[1])[:8]}...)")
-            payload = [f.buffer for f in frames[2:]]
-            if "shm" in header.meta:
-                payload = self._shm_payload(header, payload)
-            else:
-                payload = join_frames(header, payload, PART_BYTES)
-            check_frames(header, payload)
-        except Exception as exc:  # anything a hostile frame provokes is a rejection, never a crash
-            self.rejected += 1
-            if self.rejected <= 10 or self.rejected % 1000 == 0:  # rate-limited: a flood must not flood the log
-                logger.error("rank %d rejected a message from connection %r (%d so far): %s", self.rank, ident[:32],
-                             self.rejected, exc if isinstance(exc, WireError) else f"{type(exc).__name__}: {exc}")
-            return
-        p = self._peers[header.src]
-        self._heard(p)
-        if live:
-            self._on_live(p, header)
-            return
-        if ident[:1] == b"c":  # BYE ahead of the data still queued on its data connection: it is leaving
-            why = header.meta.get("reason")
-            p.leaving, p.leave_why, p.leave_failed = time.monotonic(), why if isinstance(why, str) else "", header.meta.get("failed")
-            sent = header.meta.get("sent")
-            p.leave_sent = sent if isinstance(sent, int) and not isinstance(sent, bool) else -1
-            return
-        p.msgs_recv += 1
-        p.bytes_recv += sum(header.nbytes)
-        if header.kind in (Kind.DATA, Kind.HELLO, Kind.P2P):
-            try:
-                self.mailbox.deliver(Message(header, payload))
-            except WireError as exc:
-                self.rejected += 1
-                logger.error("rank %d: %s", self.rank, exc)
-                self._peer_down(header.src, f"protocol error: {exc}")
-        elif header.kind == Kind.BYE:
-            why = header.meta.get("reason")
-            self._peer_left(p, why if isinstance(why, str) else "", header.meta.get("failed"))
-        elif header.kind == Kind.PING:
-            try:
-                self.send(header.src, envelope.control(Kind.PONG, header.channel, self.rank, seq=header.seq, meta=header.meta), [])
-            except CommError:
-                pass
-        elif header.kind == Kind.ABORT:  # a peer found this channel's calls mismatched: fail it here too
-            why = header.meta.get("error")
-            ranks = header.meta.get("ranks")
-            self.mailbox.abort_channel(header.channel, CollectiveMismatch(
-                f"{why if isinstance(why, str) else 'collective mismatch'} (found by rank {header.src})",
-                ranks=tuple(r for r in ranks if isinstance(r, int)) if isinstance(ranks, list) else ()))
-        else:  # PONG: delivered like data for whoever probes
-            self.mailbox.deliver(Message(header, payload))
 
-    def _shm_payload(self, header: Header, frames: list[Any]) -> list[Any]:
-        starts = header.meta["shm"]
-        if frames or not isinstance(starts, list) or len(starts) != len(header.nbytes) or not all(
-                isinstance(x, int) and not isinstance(x, bool) for x in starts):
-            raise WireError("malformed shared-memory descriptor")
-        p = self._peers.get(header.src)
-        info = self.peer_info.get(header.src)
-        if p is None or info is None or self.endpoint is None or info.host_id != self.endpoint.host_id:
-            raise WireError(f"rank {header.src} is not on this machine but sent a shared-memory descriptor")
-        if p.shm_in is None:
-            try:
-                p.shm_in = shm.Consumer(shm.ring_path(info.pid, info.nonce, header.src, self.rank))
-            except OSError as exc:
-                raise WireError(f"cannot open rank {header.src}'s shared-memory ring: {exc}") from None
-        try:
-            return p.shm_in.views(starts, list(header.nbytes))
-        except ValueError as exc:
-            raise WireError(str(exc)) from None
-
-    def _handle_monitor(self, sock: zmq.Socket, p: Any) -> None:
-        while True:
-            try:
-                ev = recv_monitor_message(sock, zmq.NOBLOCK)
-            except zmq.Again:
-                return
-            except zmq.ZMQError:
-                return
-            event = ev["event"]
-            if event == zmq.EVENT_CONNECTED:
-                if p.state == "connecting":
-                    p.state = "connected"
-            elif event == zmq.EVENT_DISCONNECTED:
-                # The peer's last data and its goodbye travel on its own connection to us and may
-                # still be queued; give them DISCONNECT_GRACE seconds before declaring it dead.
-                if p.state == "connected" and not self._closing.is_set():
-                    self._suspect(p, LOCAL_GRACE if p.live is not None and p.live.local else DISCONNECT_GRACE,
-                                  f"its connection ({p.endpoint}) dropped without a goodbye: the process died or the network failed")
-            elif event in (zmq.EVENT_HANDSHAKE_FAILED_AUTH, zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL):
-                why = ("it rejected this rank's key (different COMMLAYER_SECRET or key files?)"
-                       if event == zmq.EVENT_HANDSHAKE_FAILED_AUTH else "the security handshake failed (encryption on one side only?)")
-                logger.error("rank %d: connection to rank %d at %s refused: %s", self.rank, p.rank, p.endpoint, why)
-                p.state = "dead"
-                self.mailbox.peer_failed(p.rank, f"connection refused: {why}")
-
-    def _peer_down(self, peer: int, reason: str) -> None:
-        p = self._peers[peer]
-        if p.state == "dead":
-            return
-        p.state = "dead"
-        culprit = peer
-        at, gap = self.stalled
-        if gap and time.monotonic() - at < 4 * self.config.heartbeat + 2.0:  # blame the stall, not the peer
-            culprit = self.rank
-            reason = (f"this rank (rank {self.rank}) was stalled for {gap:.1f} s (stopped, swapped out or starved), so its link "
-                      f"to rank {peer} timed out; rank {peer} is probably alive ({reason})")
-        if self.first_failure is None:
-            self.first_failure = culprit
-        logger.warning("rank %d: rank %d failed: %s", self.rank, peer, reason)
-        self.mailbox.peer_failed(peer, reason, culprit)
-        for cb in list(self._listeners):
-            try:
-                cb(peer, reason)
-            except Exception:  # pragma: no cover - listener bugs must not kill the I/O thread
-                logger.exception("failure listener raised")
-
-    # ---- shutdown -----------------------------------------------------------------------------
+def _pair(ctx: zmq.Context, name: str) -> tuple[zmq.Socket, zmq.Socket]:
+    """Two connected inproc PAIR sockets (the I/O thread's end first)."""
+    a = ctx.socket(zmq.PAIR)
+    a.bind(f"inproc://{name}")
+    b = ctx.socket(zmq.PAIR)
+    b.connect(f"inproc://{name}")
+    return a, b

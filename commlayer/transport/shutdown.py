@@ -48,18 +48,14 @@ class Shutdown(TransportState):
                 except zmq.ZMQError:
                     pass
         self._closing.set()
-        if self._io_thread is not None and self._ctrl_send is not None:
-            with self._wake_lock:
-                self._ctrl_send.send(b"stop")
-            self._io_thread.join(timeout=10)
+        self._rx.stop(timeout=10)
         self.mailbox.close(TransportClosed(f"rank {self.rank}: the commlayer transport was shut down"))
         for hook in self._close_hooks:
             try:
                 hook()
             except Exception:  # pragma: no cover - best effort, the sockets must still close
                 logger.warning("rank %d: a close hook failed", self.rank, exc_info=True)
-        got_rx = self._rx_lock.acquire(timeout=2.0)  # let a thread inside _pump() leave the socket
-        try:
+        with self._rx.socket_released(2.0):  # let a thread inside the receiver's read leave the socket
             linger = int(self.config.linger * 1000)
             for p in self._peers.values():
                 with p.lock:
@@ -68,18 +64,11 @@ class Shutdown(TransportState):
                 if p.monitor is not None:
                     p.monitor.close(linger=0)
             self._live_close()
-            with self._wake_lock:
-                for s in (self._ctrl_send, self._wake_send):
-                    if s is not None:
-                        s.close(linger=0)
-                self._wake_send = None
+            self._rx.close_pipes()
             self._router.close(linger=0)
             if self._auth is not None:
                 self._auth.stop()
             self._ctx.term()
-        finally:
-            if got_rx:
-                self._rx_lock.release()
         for p in self._peers.values():
             if p.shm_out is not None:
                 p.shm_out.close()

@@ -50,6 +50,14 @@ class Peer:
     msgs_sent: int = 0
     msgs_recv: int = 0
 
+    def stats(self, liveness: Any) -> dict[str, Any]:
+        """Endpoint, state, counters, send-queue figures and (with ``liveness``, its config) the silence timeout and srtt."""
+        live = self.live
+        return {"endpoint": self.endpoint, "state": self.state, "bytes_sent": self.bytes_sent, "bytes_recv": self.bytes_recv,
+                "msgs_sent": self.msgs_sent, "msgs_recv": self.msgs_recv, "queued_bytes": self.queue.queued,
+                "queue_peak_bytes": self.queue.peak, "queue_waits": self.queue.waits,
+                "live_timeout_s": live.timeout(liveness) if live else None, "srtt_s": live.rtt.srtt if live else None}
+
 
 def router_socket(ctx: zmq.Context, config: TransportConfig, creds: Credentials) -> zmq.Socket:
     """The listening ROUTER: requires ``creds``' mechanism before any message, caps every frame."""

@@ -12,6 +12,7 @@ import zmq
 from commlayer.transport.config import TransportConfig
 from commlayer.transport.endpoints import EndpointInfo
 from commlayer.transport.mailbox import Mailbox
+from commlayer.transport.receive import Receiver
 from commlayer.transport.security import Credentials
 from commlayer.transport.sockets import Peer
 
@@ -32,11 +33,7 @@ class TransportState:
     _peers: dict[int, Peer]
     _listeners: list[Callable[[int, str], None]]
     _close_hooks: list[Callable[[], None]]
-    _io_thread: threading.Thread | None
-    _ctrl_send: zmq.Socket | None
-    _wake_send: zmq.Socket | None
-    _wake_lock: threading.Lock
-    _rx_lock: threading.Lock
+    _rx: Receiver
     _closing: threading.Event
     _closed: bool
     _close_lock: threading.Lock
@@ -44,7 +41,6 @@ class TransportState:
     _shared_hosts: set[str]
 
     if TYPE_CHECKING:
-        def _peer_down(self, peer: int, reason: str) -> None: ...
         def _say_goodbye_early(self, meta: dict[str, Any]) -> None: ...
         def _live_close(self) -> None: ...
         def release_ipc_path(self) -> None: ...
