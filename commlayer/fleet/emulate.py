@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from commlayer.fleet.ledger import Keys, connect_store
+from commlayer.fleet.seal import sealed
 from commlayer.testing.ports import free_port
 
 logger = logging.getLogger(__name__)
@@ -64,14 +65,15 @@ class LocalFleet:
     devices: dict[str, Device] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        self.keys = Keys(f"commlayer/fleet/{self.job}")
         if self.store_addr:
             self.port = int(self.store_addr.rpartition(":")[2])
-            self.store = connect_store(self.store_addr, 60.0)
+            raw = connect_store(self.store_addr, 60.0)
         else:
             self.port = free_port()
             self.store_addr = f"127.0.0.1:{self.port}"
-            self.store = connect_store(self.store_addr, 60.0, master=True)
-        self.keys = Keys(f"commlayer/fleet/{self.job}")
+            raw = connect_store(self.store_addr, 60.0, master=True)
+        self.store, _ = sealed(raw, self.keys.prefix, self.store_addr.rpartition(":")[0])  # reads the sealed ledger
         self.workdir.mkdir(parents=True, exist_ok=True)
 
     @property

@@ -111,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
         final = make_model(a.dim, a.hidden, a.seed)
         torch.nn.utils.vector_to_parameters(peer.state.params.clone(), final.parameters())
         if a.audit:
-            store = connect_store(a.store, a.timeout)
+            store = peer.store  # sealed in this peer's name
             put_blob(store, Keys(f"commlayer/fleet/{a.job}").k("final", peer.id), tensor_bytes(peer.state.params))
             store.set(Keys(f"commlayer/fleet/{a.job}").k("final_round", peer.id), str(peer.state.round))
         emit(event="done", id=peer.id, round=peer.state.round, digest=peer.state.digest(), left=bool(stop["now"]),
