@@ -40,15 +40,21 @@ from commlayer.fleet.schedule import Schedule, run
 
 
 def churn(work: Path, quick: bool, seeds: int) -> dict:
-    """Per seed (the task's model, teacher and data, and the churn schedule), a fixed run and a churning run."""
+    """Per seed (the task's model, teacher and data, and the churn schedule): a fixed run, a churning run, and a
+    fixed run drawing other samples (the data's own spread), side by side. Devices draw samples by fleet slot,
+    round and step (a joiner draws what the leaver would have): the churn ratio measures churn, not the draw."""
     rounds = 60 if quick else 200
     per_seed = []
     for seed in range(1, seeds + 1):
-        base = dict(devices=8, rounds=rounds, step_sleep=0.03, seed=seed, args=("--period", "5", "--seed", str(seed)))
-        fixed = run(Schedule(churn_every=0, job=f"fixed{seed}", **base), work / f"fixed{seed}")  # type: ignore[arg-type]
-        elastic = run(Schedule(churn_every=10, job=f"churn{seed}", **base), work / f"churn{seed}")  # type: ignore[arg-type]
+        args = ("--period", "5", "--seed", str(seed))
+        base = dict(devices=8, rounds=rounds, step_sleep=0.03, seed=seed, slot_data=True)
+        fixed = run(Schedule(churn_every=0, job=f"fixed{seed}", args=args, **base), work / f"fixed{seed}")  # type: ignore[arg-type]
+        elastic = run(Schedule(churn_every=10, job=f"churn{seed}", args=args, **base), work / f"churn{seed}")  # type: ignore[arg-type]
+        other = run(Schedule(churn_every=0, job=f"other{seed}", args=(*args, "--data-seed", str(1000 + seed)), **base),  # type: ignore[arg-type]
+                    work / f"other{seed}")
         per_seed.append({"seed": seed, "fixed_loss": fixed.final_loss, "churn_loss": elastic.final_loss,
-                         "loss_ratio": elastic.final_loss / fixed.final_loss, "events": len(elastic.events),
+                         "loss_ratio": elastic.final_loss / fixed.final_loss,
+                         "fixed_other_data_ratio": other.final_loss / fixed.final_loss, "events": len(elastic.events),
                          "killed": sum(e["how"] == "killed" for e in elastic.events),
                          "event_rounds": [e["round"] for e in elastic.events], "audit_churn": elastic.audit,
                          "audit_fixed": fixed.audit,
@@ -56,8 +62,9 @@ def churn(work: Path, quick: bool, seeds: int) -> dict:
                          "wall_s": {"fixed": fixed.wall_s, "churn": elastic.wall_s}, "load": os.getloadavg()[0]})
         print(json.dumps({"churn_seed": per_seed[-1]}, default=str), flush=True)
     ratios = [p["loss_ratio"] for p in per_seed]
-    return {"rounds": rounds, "seeds": seeds, "loss_ratio_median": statistics.median(ratios),
-            "loss_ratio_max": max(ratios), "per_seed": per_seed}
+    return {"rounds": rounds, "seeds": seeds, "loss_ratio_median": statistics.median(ratios), "loss_ratio_max": max(ratios),
+            "fixed_other_data_ratio_median": statistics.median(p["fixed_other_data_ratio"] for p in per_seed),
+            "per_seed": per_seed}
 
 
 def straggler(work: Path, quick: bool, seeds: int) -> dict:

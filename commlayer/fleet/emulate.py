@@ -34,6 +34,7 @@ class Device:
     log: Path
     started: float
     ended: str = ""  # "", "left", "killed", "exited"
+    slot: int = -1  # the fleet position whose samples it draws (-1: samples by name)
     end_t: float = 0.0
 
     def events(self) -> list[dict[str, Any]]:
@@ -91,13 +92,16 @@ class LocalFleet:
         with open(log, "wb") as f:
             proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, start_new_session=True)
         dev = Device(name, proc, log, time.time())
+        if "--slot" in extra:
+            dev.slot = int(extra[list(extra).index("--slot") + 1])
         self.devices[name] = dev
         return dev
 
-    def go(self, name: str) -> None:
-        """Lets standby device ``name`` join now."""
+    def go(self, name: str, slot: int = -1) -> None:
+        """Lets standby device ``name`` join now (drawing the samples of ``slot``, when >= 0: see the worker)."""
         self.devices[name].started = time.time()
-        self.store.set(self.keys.k("go", name), "1")
+        self.devices[name].slot = slot
+        self.store.set(self.keys.k("go", name), json.dumps({"slot": slot} if slot >= 0 else {}))
 
     def leave(self, name: str) -> None:
         dev = self.devices[name]
@@ -151,7 +155,8 @@ class LocalFleet:
         return "; ".join(out)
 
     def churn(self, rng: random.Random, joiner: str, exclude: Sequence[str] = ()) -> tuple[str, str]:
-        """One churn event: a random running active device leaves (clean or SIGKILL, by coin) and standby ``joiner`` joins."""
+        """One churn event: a random running active device leaves (clean or SIGKILL, by coin) and standby ``joiner``
+        joins (in the leaver's data slot)."""
         deadline = time.monotonic() + 300
         while not any(e.get("event") == "standby" for e in self.devices[joiner].events()):  # booted, ready to join
             if time.monotonic() > deadline or self.devices[joiner].proc.poll() is not None:
@@ -160,7 +165,7 @@ class LocalFleet:
         victim = rng.choice(sorted(n for n in self.running() if n not in exclude and self.active(n)))
         how = rng.choice(["left", "killed"])
         (self.leave if how == "left" else self.kill)(victim)
-        self.go(joiner)
+        self.go(joiner, self.devices[victim].slot)
         return victim, how
 
     def close(self) -> None:

@@ -29,6 +29,7 @@ class Schedule:
         step_sleep: seconds per local step of a normal device (its speed).
         seed: the schedule's RNG seed (who leaves, how).
         standbys: joiner processes booted ahead of their churn event.
+        slot_data: devices draw samples by fleet slot, round and step instead of by name (paired comparisons).
         args: further worker arguments (see ``python -m commlayer.fleet.worker --help``).
     """
 
@@ -43,6 +44,7 @@ class Schedule:
     args: Sequence[str] = ()
     job: str = "fleet"
     standbys: int = 4  # booted joiners kept ahead (a boot of torch takes many rounds on a loaded machine)
+    slot_data: bool = False  # samples by (slot, round, step): a joiner draws what the leaver would have (worker --slot)
 
 
 @dataclass
@@ -67,7 +69,7 @@ def run(s: Schedule, workdir: Path, timeout: float = 1800.0) -> Outcome:
     try:
         for i in range(s.devices):
             sleep = s.step_sleep * (s.slow_factor if i < s.slow else 1.0)
-            fleet.spawn(f"dev{i}", ["--step-sleep", str(sleep)])
+            fleet.spawn(f"dev{i}", ["--step-sleep", str(sleep), *(["--slot", str(i)] if s.slot_data else [])])
         nxt = s.devices
         n_events = len(range(s.churn_every, s.rounds, s.churn_every)) if s.churn_every else 0
         pool = [f"dev{nxt + k}" for k in range(min(s.standbys, n_events))]  # booted standbys, ahead
