@@ -39,14 +39,16 @@ from commlayer.testing.machine import machine_line
 from commlayer.fleet.schedule import Schedule, run
 
 
-def churn(work: Path, quick: bool, seeds: int) -> dict:
+def churn(work: Path, a: argparse.Namespace) -> dict:
+    quick, seeds = a.quick, a.seeds
     """Per seed (the task's model, teacher and data, and the churn schedule): a fixed run, a churning run, and a
     fixed run drawing other samples (the data's own spread), side by side. Devices draw samples by fleet slot,
     round and step (a joiner draws what the leaver would have): the churn ratio measures churn, not the draw."""
     rounds = 60 if quick else 200
     per_seed = []
     for seed in range(1, seeds + 1):
-        args = ("--period", "5", "--seed", str(seed))
+        lr, mom = a.outer.split(",")
+        args = ("--period", "5", "--seed", str(seed), "--outer-lr", lr, "--outer-momentum", mom)
         base = dict(devices=8, rounds=rounds, step_sleep=0.03, seed=seed, slot_data=True)
         fixed = run(Schedule(churn_every=0, job=f"fixed{seed}", args=args, **base), work / f"fixed{seed}")  # type: ignore[arg-type]
         elastic = run(Schedule(churn_every=10, job=f"churn{seed}", args=args, **base), work / f"churn{seed}")  # type: ignore[arg-type]
@@ -62,12 +64,13 @@ def churn(work: Path, quick: bool, seeds: int) -> dict:
                          "wall_s": {"fixed": fixed.wall_s, "churn": elastic.wall_s}, "load": os.getloadavg()[0]})
         print(json.dumps({"churn_seed": per_seed[-1]}, default=str), flush=True)
     ratios = [p["loss_ratio"] for p in per_seed]
-    return {"rounds": rounds, "seeds": seeds, "loss_ratio_median": statistics.median(ratios), "loss_ratio_max": max(ratios),
+    return {"rounds": rounds, "seeds": seeds, "outer_lr,momentum": a.outer, "loss_ratio_median": statistics.median(ratios), "loss_ratio_max": max(ratios),
             "fixed_other_data_ratio_median": statistics.median(p["fixed_other_data_ratio"] for p in per_seed),
             "per_seed": per_seed}
 
 
-def straggler(work: Path, quick: bool, seeds: int) -> dict:
+def straggler(work: Path, a: argparse.Namespace) -> dict:
+    quick = a.quick
     rounds = 30 if quick else 60
     base = dict(rounds=rounds, step_sleep=0.02, churn_every=0, seed=2, args=("--period", "5"))
     fast7 = run(Schedule(devices=7, job="fast7", **base), work / "fast7")  # type: ignore[arg-type]
@@ -107,7 +110,7 @@ print(json.dumps({"s": time.monotonic() - t0, "digest": st.digest(), "from": par
 '''
 
 
-def catchup(work: Path, quick: bool, seeds: int) -> dict:
+def catchup(work: Path, a: argparse.Namespace) -> dict:
     if os.geteuid() != 0 or shutil.which("tc") is None:
         return {"skipped": "needs root and tc for the 20 Mbit/s namespaces"}
     n = 5_000_000
@@ -150,7 +153,8 @@ def catchup(work: Path, quick: bool, seeds: int) -> dict:
             subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=20)
 
 
-def ps_failover(work: Path, quick: bool, seeds: int) -> dict:
+def ps_failover(work: Path, a: argparse.Namespace) -> dict:
+    quick, seeds = a.quick, a.seeds
     from commlayer.testing.ps_failover import run as failover_run  # the test's ranks: one server, one replica, two workers
 
     times = []
@@ -171,6 +175,7 @@ def main() -> int:
     ap.add_argument("--parts", default=",".join(PARTS))
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--seeds", type=int, default=3, help="churn: seeds (fixed + churning run each); ps: at least 5 runs")
+    ap.add_argument("--outer", default="1,0", help="churn: outer learning rate,momentum (1,0: plain averaging; DiLoCo: 0.7,0.9)")
     ap.add_argument("--out", default="", help="also write the JSON report here")
     a = ap.parse_args()
     torch.set_num_threads(1)
@@ -179,7 +184,7 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="commlayer-fleet-bench-"))
     for part in a.parts.split(","):
         t0 = time.monotonic()
-        report[part] = PARTS[part](work / part, a.quick, a.seeds)
+        report[part] = PARTS[part](work / part, a)
         report[part]["bench_s"] = time.monotonic() - t0
         print(json.dumps({part: report[part]}, default=str), flush=True)
     if a.out:
