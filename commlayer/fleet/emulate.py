@@ -154,15 +154,18 @@ class LocalFleet:
             out.append(f"{n}(rc={d.proc.poll()}, {d.ended or 'running'}): {tail[0][:300] if tail else ''}")
         return "; ".join(out)
 
-    def churn(self, rng: random.Random, joiner: str, exclude: Sequence[str] = ()) -> tuple[str, str]:
+    def churn(self, rng: random.Random, joiner: str, exclude: Sequence[str] = ()) -> tuple[str, str] | None:
         """One churn event: a random running active device leaves (clean or SIGKILL, by coin) and standby ``joiner``
-        joins (in the leaver's data slot)."""
+        joins (in the leaver's data slot); None when no running device is left to leave (the fleet finished)."""
         deadline = time.monotonic() + 300
         while not any(e.get("event") == "standby" for e in self.devices[joiner].events()):  # booted, ready to join
             if time.monotonic() > deadline or self.devices[joiner].proc.poll() is not None:
                 raise TimeoutError(f"fleet: standby device {joiner} did not boot; {self.describe()}")
             time.sleep(0.05)
-        victim = rng.choice(sorted(n for n in self.running() if n not in exclude and self.active(n)))
+        candidates = sorted(n for n in self.running() if n not in exclude and self.active(n))
+        if not candidates:  # the fleet finished its rounds while the standby booted: no churn event left to make
+            return None
+        victim = rng.choice(candidates)
         how = rng.choice(["left", "killed"])
         (self.leave if how == "left" else self.kill)(victim)
         self.go(joiner, self.devices[victim].slot)

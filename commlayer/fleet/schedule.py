@@ -81,7 +81,11 @@ def run(s: Schedule, workdir: Path, timeout: float = 1800.0) -> Outcome:
             if fleet.latest() >= s.rounds - 1:  # the fleet got ahead of the schedule (slow boots): no churn left
                 break
             joiner = pool.pop(0)
-            victim, how = fleet.churn(rng, joiner, exclude=[f"dev{i}" for i in range(s.slow)])
+            event = fleet.churn(rng, joiner, exclude=[f"dev{i}" for i in range(s.slow)])
+            if event is None:
+                pool.insert(0, joiner)  # never called in: killed below with the other standbys
+                break
+            victim, how = event
             out.events.append({"round": fleet.latest(), "left": victim, "how": how, "joined": joiner})
             if len(out.events) + len(pool) < n_events:
                 pool.append(f"dev{nxt}")
