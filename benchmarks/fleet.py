@@ -3,20 +3,21 @@
 Parts (``--parts``, default all):
 
 * ``churn``: 8 devices, every 10 rounds a random device leaves (clean or SIGKILL, by coin) and a
-  new one joins, 200 rounds; against a fixed 8-device run with the same seed, side by side: final
-  loss ratio (target within 2 %), lost and duplicated updates (target 0), replica digest mismatches.
+  new one joins, 200 rounds; against a fixed 8-device run with the same seed, side by side, for
+  ``--seeds`` seeds (task and schedule): median final loss ratio (target within 2 %), lost and
+  duplicated updates (target 0), replica digest mismatches.
 * ``straggler``: one of 8 devices 5x slower (elastic rounds) vs the 7 fast devices alone and vs the
   fixed world (every round waits for everyone): median seconds per round, ratios (target <= 1.2x).
 * ``catchup``: a joiner fetches the state of a 5M-parameter model (params + outer momentum, 40 MB)
   from a live peer over a 20 Mbit/s link (two network namespaces, tbf on the veth; root needed),
   and again after the transfer is cut halfway (resumed from a second replica).
 * ``ps``: SIGKILL of a parameter server: seconds from the kill to the workers' first step served by
-  the replica.
+  the replica (at least 5 runs: median, max), and to the clear error without a replica.
 
-The header prints the core count and memcpy bandwidth; every figure is a ratio or median of runs
+The header prints the machine line (cores, load, memcpy bandwidth); every figure is a ratio or median of runs
 made side by side on this (shared, loaded) machine.
 
-    python benchmarks/fleet.py [--parts churn,straggler,catchup,ps] [--quick]
+    python benchmarks/fleet.py [--parts churn,straggler,catchup,ps] [--seeds 3] [--quick]
 """
 
 from __future__ import annotations
@@ -34,24 +35,42 @@ from pathlib import Path
 
 import torch
 
-from commlayer.testing.machine import memcpy_gbps
+from commlayer.testing.machine import machine_line
 from commlayer.fleet.schedule import Schedule, run
 
 
-def churn(work: Path, quick: bool) -> dict:
+def churn(work: Path, a: argparse.Namespace) -> dict:
+    quick, seeds = a.quick, a.seeds
+    """Per seed (the task's model, teacher and data, and the churn schedule): a fixed run, a churning run, and a
+    fixed run drawing other samples (the data's own spread), side by side. Devices draw samples by fleet slot,
+    round and step (a joiner draws what the leaver would have): the churn ratio measures churn, not the draw."""
     rounds = 60 if quick else 200
-    base = dict(devices=8, rounds=rounds, step_sleep=0.03, seed=1, args=("--period", "5"))
-    fixed = run(Schedule(churn_every=0, job="fixed", **base), work / "fixed")  # type: ignore[arg-type]
-    elastic = run(Schedule(churn_every=10, job="churn", **base), work / "churn")  # type: ignore[arg-type]
-    return {"rounds": rounds, "fixed_loss": fixed.final_loss, "churn_loss": elastic.final_loss,
-            "loss_ratio": elastic.final_loss / fixed.final_loss, "events": len(elastic.events),
-            "killed": sum(e["how"] == "killed" for e in elastic.events), "event_rounds": [e["round"] for e in elastic.events],
-            "audit_churn": elastic.audit,
-            "audit_fixed": fixed.audit, "join_s_median": statistics.median(elastic.join_s) if elastic.join_s else None,
-            "wall_s": {"fixed": fixed.wall_s, "churn": elastic.wall_s}}
+    per_seed = []
+    for seed in range(1, seeds + 1):
+        lr, mom = a.outer.split(",")
+        args = ("--period", "5", "--seed", str(seed), "--outer-lr", lr, "--outer-momentum", mom)
+        base = dict(devices=8, rounds=rounds, step_sleep=0.03, seed=seed, slot_data=True)
+        fixed = run(Schedule(churn_every=0, job=f"fixed{seed}", args=args, **base), work / f"fixed{seed}")  # type: ignore[arg-type]
+        elastic = run(Schedule(churn_every=10, job=f"churn{seed}", args=args, **base), work / f"churn{seed}")  # type: ignore[arg-type]
+        other = run(Schedule(churn_every=0, job=f"other{seed}", args=(*args, "--data-seed", str(1000 + seed)), **base),  # type: ignore[arg-type]
+                    work / f"other{seed}")
+        per_seed.append({"seed": seed, "fixed_loss": fixed.final_loss, "churn_loss": elastic.final_loss,
+                         "loss_ratio": elastic.final_loss / fixed.final_loss,
+                         "fixed_other_data_ratio": other.final_loss / fixed.final_loss, "events": len(elastic.events),
+                         "killed": sum(e["how"] == "killed" for e in elastic.events),
+                         "event_rounds": [e["round"] for e in elastic.events], "audit_churn": elastic.audit,
+                         "audit_fixed": fixed.audit,
+                         "join_s_median": statistics.median(elastic.join_s) if elastic.join_s else None,
+                         "wall_s": {"fixed": fixed.wall_s, "churn": elastic.wall_s}, "load": os.getloadavg()[0]})
+        print(json.dumps({"churn_seed": per_seed[-1]}, default=str), flush=True)
+    ratios = [p["loss_ratio"] for p in per_seed]
+    return {"rounds": rounds, "seeds": seeds, "outer_lr,momentum": a.outer, "loss_ratio_median": statistics.median(ratios), "loss_ratio_max": max(ratios),
+            "fixed_other_data_ratio_median": statistics.median(p["fixed_other_data_ratio"] for p in per_seed),
+            "per_seed": per_seed}
 
 
-def straggler(work: Path, quick: bool) -> dict:
+def straggler(work: Path, a: argparse.Namespace) -> dict:
+    quick = a.quick
     rounds = 30 if quick else 60
     base = dict(rounds=rounds, step_sleep=0.02, churn_every=0, seed=2, args=("--period", "5"))
     fast7 = run(Schedule(devices=7, job="fast7", **base), work / "fast7")  # type: ignore[arg-type]
@@ -91,7 +110,7 @@ print(json.dumps({"s": time.monotonic() - t0, "digest": st.digest(), "from": par
 '''
 
 
-def catchup(work: Path, quick: bool) -> dict:
+def catchup(work: Path, a: argparse.Namespace) -> dict:
     if os.geteuid() != 0 or shutil.which("tc") is None:
         return {"skipped": "needs root and tc for the 20 Mbit/s namespaces"}
     n = 5_000_000
@@ -134,15 +153,16 @@ def catchup(work: Path, quick: bool) -> dict:
             subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=20)
 
 
-def ps_failover(work: Path, quick: bool) -> dict:
+def ps_failover(work: Path, a: argparse.Namespace) -> dict:
+    quick, seeds = a.quick, a.seeds
     from commlayer.testing.ps_failover import run as failover_run  # the test's ranks: one server, one replica, two workers
 
     times = []
-    for _ in range(1 if quick else 3):
+    for _ in range(1 if quick else max(5, seeds)):
         killed, res = failover_run(replica=True)
         times.append(max(res[w]["failover_done"] for w in (1, 2)) - killed)
     killed, res = failover_run(replica=False)
-    return {"failover_s": times, "failover_s_median": statistics.median(times),
+    return {"failover_s": times, "failover_s_median": statistics.median(times), "failover_s_max": max(times),
             "no_replica_error_s": max(res[w]["at"] for w in (1, 2)) - killed,
             "no_replica_error": res[1].get("error", "")[:200]}
 
@@ -154,16 +174,17 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--parts", default=",".join(PARTS))
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--seeds", type=int, default=3, help="churn: seeds (fixed + churning run each); ps: at least 5 runs")
+    ap.add_argument("--outer", default="1,0", help="churn: outer learning rate,momentum (1,0: plain averaging; DiLoCo: 0.7,0.9)")
     ap.add_argument("--out", default="", help="also write the JSON report here")
     a = ap.parse_args()
     torch.set_num_threads(1)
-    report: dict = {"cores": os.cpu_count(), "memcpy_GBps": round(memcpy_gbps(), 2),
-                    "load": os.getloadavg()[0]}
+    report: dict = {"machine": machine_line()}
     print(json.dumps(report), flush=True)
     work = Path(tempfile.mkdtemp(prefix="commlayer-fleet-bench-"))
     for part in a.parts.split(","):
         t0 = time.monotonic()
-        report[part] = PARTS[part](work / part, a.quick)
+        report[part] = PARTS[part](work / part, a)
         report[part]["bench_s"] = time.monotonic() - t0
         print(json.dumps({part: report[part]}, default=str), flush=True)
     if a.out:

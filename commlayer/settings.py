@@ -89,13 +89,15 @@ SETTINGS: dict[str, Setting] = {
         Setting("COMMLAYER_SHM", bool, True, "transport", "shared-memory rings for co-located peers"),
         Setting("COMMLAYER_SHM_BYTES", int, 32 << 20, "transport", "size of each shared-memory ring"),
         Setting("COMMLAYER_CONNECT_OVERRIDES", str, "", "transport", "JSON {peer rank: endpoint} dialled instead of the peer's own (the WAN emulator's relays)"),
-        Setting("COMMLAYER_SECRET", str, "", "transport", "job secret (>= 16 characters, same on every rank): CurveZMQ encryption + authentication of every peer", readme=True),
+        Setting("COMMLAYER_SECRET", str, "", "transport", "job secret (>= 16 characters, same on every rank): CurveZMQ encryption + authentication of every peer, "
+                "and the key of fleet store records", readme=True),
         Setting("COMMLAYER_SECRET_FILE", str, "", "transport", "file holding the job secret (instead of COMMLAYER_SECRET)"),
         Setting("COMMLAYER_CURVE_SECRET_FILE", str, "", "transport", "this rank's CurveZMQ certificate (zmq.auth.create_certificates) instead of a job secret"),
         Setting("COMMLAYER_CURVE_PUBLIC_DIR", str, "", "transport", "directory of the allowed public certificates (with COMMLAYER_CURVE_SECRET_FILE)"),
         Setting("COMMLAYER_MAILBOX_PEER_BYTES", int, 2 << 30, "transport", "bound on bytes one peer may have buffered for operations not started yet"),
         Setting("COMMLAYER_MAILBOX_MESSAGE_BYTES", int, 2 << 30, "transport", "bound on the bytes of one message buffered before its operation starts"),
-        Setting("COMMLAYER_ENCRYPT", str, "auto", "transport", "CurveZMQ encryption: auto (on when listening on a non-loopback address), on, off"),
+        Setting("COMMLAYER_ENCRYPT", str, "auto", "transport", "encryption: auto (on off loopback: CurveZMQ on a rank listening on a non-loopback address, "
+                "sealed fleet store records for a store off loopback, which then needs COMMLAYER_SECRET), on, off"),
         Setting("COMMLAYER_DEBUG", str, "off", "transport", "off, or detail: also compare every call's tensor shapes across ranks (TORCH_DISTRIBUTED_DEBUG=DETAIL does the same)"),
         # per group
         Setting("COMMLAYER_ALGO", str, "auto", "group", "all_reduce algorithm: `auto` (measured links + cost model on a default group "

@@ -8,8 +8,9 @@ listening port is unreachable) and dials out to the store and the relay. A joine
 ``fleetpub`` picks the NAT device first (newest member), its direct dial fails, and it fetches the
 state through the relay. tcpdump on the veth between the namespaces records everything the NAT
 device sent or received: the relayed streams hold no plaintext of the state (its magic and
-header), while the store's own traffic (plaintext TCPStore protocol) shows its key names: the
-capture is working.
+header), and the store's traffic (plaintext TCPStore protocol) shows its key names (the capture
+works) but none of the round records' plaintext: the store is off loopback, so the fleet needs
+``COMMLAYER_SECRET`` and seals its records encrypted (:mod:`commlayer.fleet.seal`).
 """
 
 from __future__ import annotations
@@ -94,7 +95,8 @@ def _payloads(pcap: Path) -> list[tuple[int, int, bytes]]:
     return out
 
 
-def test_a_peer_behind_nat_trains_and_serves_a_joiner_through_the_relay(namespaces, tmp_path: Path) -> None:
+def test_a_peer_behind_nat_trains_and_serves_a_joiner_through_the_relay(namespaces, tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("COMMLAYER_SECRET", "fleet-netns-test-secret-0123")  # inherited by every device
     store_port, relay_port = free_port(), free_port()
     py = [sys.executable]
     hub = subprocess.Popen(["ip", "netns", "exec", PUB, *py, "-m", "commlayer.fleet.hub", "--store-port", str(store_port),
@@ -143,7 +145,9 @@ def test_a_peer_behind_nat_trains_and_serves_a_joiner_through_the_relay(namespac
     packets = _payloads(pcap)
     store_bytes = b"".join(p for s, d, p in packets if store_port in (s, d))
     other = b"".join(p for s, d, p in packets if store_port not in (s, d))
-    assert b"commlayer/fleet/" in store_bytes  # the capture sees plaintext where there is some
+    assert b"commlayer/fleet/" in store_bytes  # the capture sees plaintext where there is some (the key names)
+    for marker in (b'"include"', b'"cseq"', b'"samples"', b'"relay_front"'):  # round, info, meta and peer records
+        assert marker not in store_bytes, marker
     assert len(other) > 64 * 64 * 8  # the state crossed this link (direct to the NAT device, relayed from it)
     for marker in (b"CLFS1", b'"numel"', b'"included"'):
         assert marker not in other, marker

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from commlayer.fleet.ledger import Keys, connect_store
+from commlayer.fleet.seal import sealed
 from commlayer.testing.ports import free_port
 
 logger = logging.getLogger(__name__)
@@ -33,6 +34,7 @@ class Device:
     log: Path
     started: float
     ended: str = ""  # "", "left", "killed", "exited"
+    slot: int = -1  # the fleet position whose samples it draws (-1: samples by name)
     end_t: float = 0.0
 
     def events(self) -> list[dict[str, Any]]:
@@ -64,14 +66,15 @@ class LocalFleet:
     devices: dict[str, Device] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        self.keys = Keys(f"commlayer/fleet/{self.job}")
         if self.store_addr:
             self.port = int(self.store_addr.rpartition(":")[2])
-            self.store = connect_store(self.store_addr, 60.0)
+            raw = connect_store(self.store_addr, 60.0)
         else:
             self.port = free_port()
             self.store_addr = f"127.0.0.1:{self.port}"
-            self.store = connect_store(self.store_addr, 60.0, master=True)
-        self.keys = Keys(f"commlayer/fleet/{self.job}")
+            raw = connect_store(self.store_addr, 60.0, master=True)
+        self.store, _ = sealed(raw, self.keys.prefix, self.store_addr.rpartition(":")[0])  # reads the sealed ledger
         self.workdir.mkdir(parents=True, exist_ok=True)
 
     @property
@@ -89,13 +92,16 @@ class LocalFleet:
         with open(log, "wb") as f:
             proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, start_new_session=True)
         dev = Device(name, proc, log, time.time())
+        if "--slot" in extra:
+            dev.slot = int(extra[list(extra).index("--slot") + 1])
         self.devices[name] = dev
         return dev
 
-    def go(self, name: str) -> None:
-        """Lets standby device ``name`` join now."""
+    def go(self, name: str, slot: int = -1) -> None:
+        """Lets standby device ``name`` join now (drawing the samples of ``slot``, when >= 0: see the worker)."""
         self.devices[name].started = time.time()
-        self.store.set(self.keys.k("go", name), "1")
+        self.devices[name].slot = slot
+        self.store.set(self.keys.k("go", name), json.dumps({"slot": slot} if slot >= 0 else {}))
 
     def leave(self, name: str) -> None:
         dev = self.devices[name]
@@ -148,17 +154,21 @@ class LocalFleet:
             out.append(f"{n}(rc={d.proc.poll()}, {d.ended or 'running'}): {tail[0][:300] if tail else ''}")
         return "; ".join(out)
 
-    def churn(self, rng: random.Random, joiner: str, exclude: Sequence[str] = ()) -> tuple[str, str]:
-        """One churn event: a random running active device leaves (clean or SIGKILL, by coin) and standby ``joiner`` joins."""
+    def churn(self, rng: random.Random, joiner: str, exclude: Sequence[str] = ()) -> tuple[str, str] | None:
+        """One churn event: a random running active device leaves (clean or SIGKILL, by coin) and standby ``joiner``
+        joins (in the leaver's data slot); None when no running device is left to leave (the fleet finished)."""
         deadline = time.monotonic() + 300
         while not any(e.get("event") == "standby" for e in self.devices[joiner].events()):  # booted, ready to join
             if time.monotonic() > deadline or self.devices[joiner].proc.poll() is not None:
                 raise TimeoutError(f"fleet: standby device {joiner} did not boot; {self.describe()}")
             time.sleep(0.05)
-        victim = rng.choice(sorted(n for n in self.running() if n not in exclude and self.active(n)))
+        candidates = sorted(n for n in self.running() if n not in exclude and self.active(n))
+        if not candidates:  # the fleet finished its rounds while the standby booted: no churn event left to make
+            return None
+        victim = rng.choice(candidates)
         how = rng.choice(["left", "killed"])
         (self.leave if how == "left" else self.kill)(victim)
-        self.go(joiner)
+        self.go(joiner, self.devices[victim].slot)
         return victim, how
 
     def close(self) -> None:

@@ -70,6 +70,7 @@ class Roster:
     def reserve(self) -> int:
         """Takes this peer's id and writes its keys (before its record: readers never block on a missing key)."""
         pid = int(self.store.add(self.keys.k("nextid"), 1)) - 1
+        self.store.as_peer(pid)  # a SealedStore: this peer's records are sealed in its name from now on
         self.store.add(self.keys.k("hb", pid), 1)
         put_json(self.store, self.keys.k("info", pid), {"start": -1, "tau": None, "cseq": -1, "active": False,
                                                          "left": False})

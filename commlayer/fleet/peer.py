@@ -18,10 +18,8 @@ then from the store, and contributes from the next round on.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
-import secrets
 import socket
 import time
 from typing import Any, Iterable
@@ -34,6 +32,7 @@ from commlayer.fleet.config import FleetConfig
 from commlayer.fleet.ledger import Keys, commit, connect_store
 from commlayer.fleet.membership import Heartbeat, Roster
 from commlayer.fleet.rounds import Rounds
+from commlayer.fleet.seal import sealed
 from commlayer.fleet.relay import open_relay
 from commlayer.fleet.state import OuterState
 from commlayer.fleet.statesync import FetchFailed, Partial, StateServer, fetch_from
@@ -90,8 +89,8 @@ class FleetPeer:
     def start(self) -> None:
         """Registers, founds the fleet or catches up from a live peer, and becomes a contributing member."""
         t0 = time.monotonic()
-        self.store = connect_store(self.addr, self.cfg.timeout)
-        job_key = self._job_key()
+        self.store, job_key = sealed(connect_store(self.addr, self.cfg.timeout), self.keys.prefix,
+                                     self.addr.rpartition(":")[0])
         self.roster = Roster(self.store, self.keys, self.cfg.dead_after)
         try:
             self.id = self.roster.reserve()
@@ -116,13 +115,6 @@ class FleetPeer:
         self.stats["join_s"] = time.monotonic() - t0
         logger.info("fleet peer %d (%s) active from round %d (%s, %.2f s)", self.id, self.name, self.state.round,
                     self.stats["joined_by"], self.stats["join_s"])
-
-    def _job_key(self) -> bytes:
-        secret = settings.get("COMMLAYER_SECRET")
-        if secret:
-            return hashlib.sha256(b"commlayer-fleet/" + secret.encode()).digest()
-        held = self.store.compare_set(self.keys.k("jobkey"), "", secrets.token_hex(32))
-        return bytes.fromhex(held.decode() if isinstance(held, bytes) else str(held))
 
     def _found_or_fetch(self, job_key: bytes) -> OuterState:
         mine = OuterState.initial(parameters_to_vector(self.params))

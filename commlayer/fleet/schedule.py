@@ -29,6 +29,7 @@ class Schedule:
         step_sleep: seconds per local step of a normal device (its speed).
         seed: the schedule's RNG seed (who leaves, how).
         standbys: joiner processes booted ahead of their churn event.
+        slot_data: devices draw samples by fleet slot, round and step instead of by name (paired comparisons).
         args: further worker arguments (see ``python -m commlayer.fleet.worker --help``).
     """
 
@@ -43,6 +44,7 @@ class Schedule:
     args: Sequence[str] = ()
     job: str = "fleet"
     standbys: int = 4  # booted joiners kept ahead (a boot of torch takes many rounds on a loaded machine)
+    slot_data: bool = False  # samples by (slot, round, step): a joiner draws what the leaver would have (worker --slot)
 
 
 @dataclass
@@ -67,7 +69,7 @@ def run(s: Schedule, workdir: Path, timeout: float = 1800.0) -> Outcome:
     try:
         for i in range(s.devices):
             sleep = s.step_sleep * (s.slow_factor if i < s.slow else 1.0)
-            fleet.spawn(f"dev{i}", ["--step-sleep", str(sleep)])
+            fleet.spawn(f"dev{i}", ["--step-sleep", str(sleep), *(["--slot", str(i)] if s.slot_data else [])])
         nxt = s.devices
         n_events = len(range(s.churn_every, s.rounds, s.churn_every)) if s.churn_every else 0
         pool = [f"dev{nxt + k}" for k in range(min(s.standbys, n_events))]  # booted standbys, ahead
@@ -79,7 +81,11 @@ def run(s: Schedule, workdir: Path, timeout: float = 1800.0) -> Outcome:
             if fleet.latest() >= s.rounds - 1:  # the fleet got ahead of the schedule (slow boots): no churn left
                 break
             joiner = pool.pop(0)
-            victim, how = fleet.churn(rng, joiner, exclude=[f"dev{i}" for i in range(s.slow)])
+            event = fleet.churn(rng, joiner, exclude=[f"dev{i}" for i in range(s.slow)])
+            if event is None:
+                pool.insert(0, joiner)  # never called in: killed below with the other standbys
+                break
+            victim, how = event
             out.events.append({"round": fleet.latest(), "left": victim, "how": how, "joined": joiner})
             if len(out.events) + len(pool) < n_events:
                 pool.append(f"dev{nxt}")

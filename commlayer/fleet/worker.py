@@ -1,7 +1,12 @@
 """A fleet device running a small, deterministic task (emulated fleets: tests, ``commlayer launch --fleet``, benchmarks).
 
 The task: regress a fixed random teacher MLP with a student MLP; every device draws its own
-samples from a private generator. One JSON line per event goes to stdout. SIGTERM makes the
+samples from a private generator seeded by its name, or, with ``--slot k`` (a position in the
+fleet; a joiner that replaces a leaver gets the leaver's slot through its go signal), by
+``(data seed, slot, the round its local phase started from, the step in the phase)``: a churning
+fleet then sees the samples a fixed fleet sees, and comparing the two measures churn, not the luck
+of the draw (with name-seeded data two fixed fleets differ by up to 12 % in final loss at 200
+rounds: docs/fleet.md). One JSON line per event goes to stdout. SIGTERM makes the
 device leave cleanly at its next step; SIGKILL is the unclean leave.
 
     python -m commlayer.fleet.worker --store 127.0.0.1:29400 --name dev3 --rounds 200
@@ -55,6 +60,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--job", default="fleet")
     p.add_argument("--name", required=True)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--slot", type=int, default=-1, help="draw samples by (slot, round, step), not by name (-1)")
+    p.add_argument("--data-seed", type=int, default=-1, help="seed of the samples (-1: --seed)")
     p.add_argument("--dim", type=int, default=32)
     p.add_argument("--hidden", type=int, default=32)
     p.add_argument("--batch", type=int, default=32)
@@ -89,16 +96,20 @@ def main(argv: list[str] | None = None) -> int:
                       keep_payloads=a.audit, timeout=a.timeout, min_members=a.min_members)
     if a.wait_go:  # a booted standby device (imports done): joins the moment the harness says so
         emit(event="standby", name=a.name)
-        wait_key(connect_store(a.store, a.timeout), Keys(f"commlayer/fleet/{a.job}").k("go", a.name), a.timeout * 10,
-                 f"the go signal of standby device {a.name}", poll=0.02)
+        go, raw = Keys(f"commlayer/fleet/{a.job}").k("go", a.name), connect_store(a.store, a.timeout)
+        wait_key(raw, go, a.timeout * 10, f"the go signal of standby device {a.name}", poll=0.02)
+        a.slot = int(json.loads(raw.get(go)).get("slot", a.slot))  # the slot of the device this one replaces
     peer = FleetPeer(model.parameters(), cfg, store=a.store, job=a.job, name=a.name, host=a.host, relay=a.relay)
     peer.start()
     assert peer.state is not None
     emit(event="joined", id=peer.id, name=a.name, round=peer.state.round, how=peer.stats["joined_by"],
          join_s=peer.stats["join_s"], fetched_from=peer.stats["fetched_from"])
-    g = torch.Generator().manual_seed(a.seed * 1000003 + zlib.crc32(a.name.encode()))
+    data_seed = a.seed if a.data_seed < 0 else a.data_seed
+    g = torch.Generator().manual_seed(data_seed * 1000003 + zlib.crc32(a.name.encode()))
     try:
         while peer.state.round < a.rounds and not stop["now"]:
+            if a.slot >= 0:  # the same samples for the same (slot, phase base round, step), whoever fills the slot
+                g.manual_seed(zlib.crc32(f"{data_seed}/{a.slot}/{peer.state.round}/{peer.local_steps % a.period}".encode()))
             x = torch.randn(a.batch, a.dim, generator=g)
             loss = torch.nn.functional.mse_loss(model(x), teacher(x, a.seed))
             opt.zero_grad()
@@ -111,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
         final = make_model(a.dim, a.hidden, a.seed)
         torch.nn.utils.vector_to_parameters(peer.state.params.clone(), final.parameters())
         if a.audit:
-            store = connect_store(a.store, a.timeout)
+            store = peer.store  # sealed in this peer's name
             put_blob(store, Keys(f"commlayer/fleet/{a.job}").k("final", peer.id), tensor_bytes(peer.state.params))
             store.set(Keys(f"commlayer/fleet/{a.job}").k("final_round", peer.id), str(peer.state.round))
         emit(event="done", id=peer.id, round=peer.state.round, digest=peer.state.digest(), left=bool(stop["now"]),

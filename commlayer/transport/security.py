@@ -179,16 +179,26 @@ def credentials(store: Any, rank: int, world_size: int, host: str, prefix: str, 
     return job_credentials(rank, world_size, exchange_job_key(store, rank, prefix, timeout), encryption_wanted(host))
 
 
-def keys_from_env(rank: int, world_size: int) -> CurveKeys | None:
-    """Reads the key configuration from the environment; None when encryption is not configured."""
+def job_secret() -> str:
+    """The job secret (``COMMLAYER_SECRET``, or the content of ``COMMLAYER_SECRET_FILE``), "" when none is set.
+
+    Raises:
+        ValueError: the secret is shorter than 16 characters.
+    """
     secret = settings.get("COMMLAYER_SECRET")
     secret_file = settings.get("COMMLAYER_SECRET_FILE")
     if secret_file:
         with open(secret_file, "rb") as f:
             secret = f.read().strip().decode()
+    if secret and len(secret) < 16:
+        raise ValueError(f"COMMLAYER_SECRET: expected at least 16 characters, got {len(secret)}")
+    return str(secret or "")
+
+
+def keys_from_env(rank: int, world_size: int) -> CurveKeys | None:
+    """Reads the key configuration from the environment; None when encryption is not configured."""
+    secret = job_secret()
     if secret:
-        if len(secret) < 16:
-            raise ValueError(f"COMMLAYER_SECRET: expected at least 16 characters, got {len(secret)}")
         pairs = [derive_keypair(secret.encode(), r) for r in range(world_size)]
         return CurveKeys(pairs[rank][0], pairs[rank][1], frozenset(p for p, _ in pairs), tuple(p for p, _ in pairs))
     cert = settings.get("COMMLAYER_CURVE_SECRET_FILE")
