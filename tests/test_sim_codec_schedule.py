@@ -108,3 +108,17 @@ def test_the_profile_says_which_codecs_ride_the_algorithm(spec: str) -> None:
     from commlayer.codecs import aggregation_mode, from_spec
 
     assert measure_codec(spec, numel=NUMEL, repeats=1).linear == (aggregation_mode(from_spec(spec)) == "allreduce")
+
+
+@pytest.mark.parametrize("spec", CODECS)
+def test_the_validation_prices_codecs_as_the_operation_runs_them(spec: str) -> None:
+    import torch
+
+    from commlayer.codecs import aggregation_mode, from_spec
+    from commlayer.sim.validate import op_codec_profile
+
+    prof = op_codec_profile(spec, NUMEL, WORLD, reps=2)
+    codec = from_spec(spec)
+    assert prof.ratio == codec.wire_bytes(NUMEL, torch.float32) / (NUMEL * 4)
+    assert prof.linear == (aggregation_mode(codec) == "allreduce")
+    assert 0 < prof.encode_Bps < float("inf") and 0 < prof.decode_Bps < float("inf")
