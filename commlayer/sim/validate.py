@@ -39,7 +39,7 @@ def _worker(rank: int, world: int, envs: list[dict[str, str]], configs: list[tup
     from commlayer.topologies.reduce_ops import ReduceOp
 
     torch.set_num_threads(1)
-    w = World.from_env(timeout=120 if world <= 8 else 20 * world)  # 16 ranks importing torch on 2 loaded cores start slowly
+    w = World.from_env(timeout=120)
     out: dict[str, Any] = {}
     codecs = CodecCache()
     try:
