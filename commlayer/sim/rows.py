@@ -58,40 +58,56 @@ class RowRun:
         self.feeds = bool((self.perm >= 0).all())
         self.fixed = done[src, 0]                    # what senders that receive nothing in this run have done
         self.sent = np.zeros(src.size)
-        self.energy = np.zeros(src.size)
+        self.work = {w: self._work(w, 1.0) for w in ("reduce", "copy", "none")}
         self.messages = 0
 
     def step(self, st: Step, elem_scale: float) -> None:
-        """Moves one step's messages, exactly as :meth:`Engine.transfer` followed by the replay's bookkeeping."""
+        """Moves one step's messages, exactly as :meth:`Engine.transfer` followed by the replay's bookkeeping
+        (the same operations on the same operands, some written into buffers instead of new arrays)."""
         eng, p = self.eng, self.eng.cfg.params
         ready = self.rdone[self.perm] if self.feeds else np.where(self.perm >= 0, self.rdone[self.perm], self.fixed)
         nb = st.nbytes[:, 0].astype(float)
         ser = nb * self.inv_rate
         if self.device:
             up = nb * self.inv_up
-            ufin = np.maximum(ready, self.up) + up
-            self.up = ufin
+            ufin = np.maximum(ready, self.up, out=self.up)
+            ufin += up
             start = ufin - up
-            late = (start - ready > self.queue) * self.rtt
-            down = nb * self.inv_down
-            dfin = np.maximum(start + self.delay, self.down) + down
-            self.down = dfin
-            arrive = np.maximum(np.maximum(ufin, start + ser) + self.delay, dfin) + late
+            late = np.subtract(start, ready, out=ready)
+            late = np.greater(late, self.queue) * self.rtt
+            down = np.multiply(nb, self.inv_down)
+            dfin = np.add(start, self.delay)
+            np.maximum(dfin, self.down, out=self.down)
+            self.down += down
+            arrive = np.add(start, ser, out=start)
+            np.maximum(ufin, arrive, out=arrive)
+            arrive += self.delay
+            np.maximum(arrive, self.down, out=arrive)
+            arrive += late
         else:
-            fin = np.maximum(ready, self.link) + ser
-            self.link = fin
+            fin = np.maximum(ready, self.link, out=self.link)
+            fin += ser
             arrive = fin + self.delay
         if eng.cfg.jitter and self.any_jit:
-            arrive = arrive + np.maximum(self.neg_delay, self.jit * eng.rng.standard_normal(nb.size))
+            j = eng.rng.standard_normal(nb.size)
+            j *= self.jit
+            arrive += np.maximum(self.neg_delay, j, out=j)
         if eng.cfg.loss and self.any_loss:
-            stall = eng.rng.random(nb.size) < -np.expm1(np.minimum(nb, self.loss_cap) * self.loss_a)
-            arrive = arrive + stall * self.rtt
-        work = {"reduce": elem_scale / p.reduce_Bps, "copy": 1.0 / p.copy_Bps, "none": 0.0}[st.work]
-        fin = np.maximum(arrive, self.cpu) + (p.msg_overhead_s + nb * work)
-        self.cpu = fin
-        self.rdone = np.maximum(self.rdone, fin)
+            thr = np.minimum(nb, self.loss_cap)
+            thr *= self.loss_a
+            stall = eng.rng.random(nb.size) < -np.expm1(thr, out=thr)
+            arrive += stall * self.rtt
         self.sent += nb
+        nb *= self.work[st.work] if elem_scale == 1.0 else self._work(st.work, elem_scale)
+        nb += p.msg_overhead_s
+        np.maximum(arrive, self.cpu, out=self.cpu)
+        self.cpu += nb
+        np.maximum(self.rdone, self.cpu, out=self.rdone)
         self.messages += nb.size
+
+    def _work(self, work: str, elem_scale: float) -> float:
+        p = self.eng.cfg.params
+        return {"reduce": elem_scale / p.reduce_Bps, "copy": 1.0 / p.copy_Bps, "none": 0.0}[work]
 
     def close(self) -> None:
         """Writes the queues, the receivers' processed times, bytes and energy back to the engine."""
