@@ -55,16 +55,20 @@ def validate(args: argparse.Namespace) -> list[dict[str, Any]]:
             for t, spec in configs:
                 c = meas["codecs"][spec]
                 pred = predict(n, prof, t, c, args.bytes)
+                pred_single = predict(n, prof, t, meas["codecs_single"][spec], args.bytes)
                 m = meas[f"{t}|{spec}"]
                 row = {"profile": prof, "nodes": n, "topology": t, "codec": spec or "exact", "predicted_s": pred,
-                       "measured_s": m["median_s"], "reps_s": m["reps_s"], "error": pred / m["median_s"] - 1,
-                       "memcpy_GBps": mem, "cores": os.cpu_count()}
+                       "predicted_single_s": pred_single, "encode_s": args.bytes / c.encode_Bps,
+                       "decode_s": args.bytes / c.decode_Bps, "measured_s": m["median_s"], "reps_s": m["reps_s"],
+                       "error": pred / m["median_s"] - 1, "memcpy_GBps": mem, "cores": os.cpu_count(),
+                       "load1": meas["load1"]}
                 if "consensus" in m:
                     sim = consensus_curve(t.split(":", 1)[1], n, len(m["consensus"]), x0=np.array(m["consensus_x0"]))
                     row["consensus_real"], row["consensus_sim"] = m["consensus"], sim["averaging"]
                 rows.append(row)
                 print(f"{prof:<18} {n:>3} {t:<12} {row['codec'][:14]:<14} pred {pred * 1e3:8.1f} ms  meas {m['median_s'] * 1e3:8.1f} ms "
-                      f"{row['error']:+7.1%}   (memcpy {mem:.1f} GB/s, {os.cpu_count()} cores)", flush=True)
+                      f"{row['error']:+7.1%}  (one-rank cold codec profile: {pred_single * 1e3:7.1f} ms; memcpy {mem:.1f} GB/s, "
+                      f"{os.cpu_count()} cores, load {meas['load1'][0]:.1f}-{meas['load1'][1]:.1f})", flush=True)
             print(f"# {prof} x {n}: {time.monotonic() - t0:.0f} s", flush=True)
     return rows
 

@@ -111,3 +111,46 @@ def test_local_sgd_period_communicates_every_h_rounds_and_churn_is_stationary() 
     c = Churn(4000, leave=0.1, rejoin=0.3, seed=2)
     fr = [c.step(r).mean() for r in range(30)]
     assert np.mean(fr) == pytest.approx(0.75, abs=0.02)
+
+
+@pytest.mark.parametrize("contention", ["device", "link"])
+@pytest.mark.parametrize("profile", ["mix:home-broadband=0.7,lte-phone=0.3", "hetero"])
+def test_row_space_runs_give_the_step_by_step_results(contention: str, profile: str) -> None:
+    """The fused replay of ring/chain steps (commlayer/sim/rows.py) against the step-by-step engine:
+    same finish times, queue states and random draws (jitter and loss on), several rounds, mapped nodes."""
+    n = 13
+    links = sim_links(profile, n, seed=1)
+    nodes = np.array([5, 3, 11, 0, 8, 1, 12, 2, 9, 4, 7, 10, 6])
+    # ring: 308 B and 20 KB blocks in one chunk (fused), then 5 chunks per block (step by step)
+    for algo, numel, chunk in (("ring", 1001, 1 << 12), ("ring", 1 << 16, 1 << 20), ("ring", 1 << 16, 1 << 12),
+                               ("chain", 999, 1 << 12), ("tree", 1001, 1 << 12), ("ps", 1001, 1 << 12)):
+        sched = registry.get(algo).schedule
+        assert sched is not None
+        engines = [Engine(links, EngineConfig(contention=contention, seed=4)) for _ in range(2)]
+        for r in range(3):
+            start = np.linspace(0.0, 0.05, n) + r
+            ref = engines[0].run(sched(n, numel, 4, None, chunk), start, nodes, fuse=False)
+            got = engines[1].run(sched(n, numel, 4, None, chunk), start, nodes, fuse=True)
+            np.testing.assert_array_equal(got, ref, err_msg=f"{algo} {numel} round {r}")
+        a, b = engines
+        for name in ("cpu", "up_free", "down_free", "sent") + (("link_free",) if contention == "link" else ()):
+            np.testing.assert_array_equal(getattr(b, name), getattr(a, name), err_msg=f"{algo}: {name}")
+        np.testing.assert_allclose(b.energy, a.energy, rtol=1e-12)
+        assert a.messages == b.messages
+        assert float(a.rng.random()) == float(b.rng.random())  # the same number of draws
+
+
+def test_simulated_rounds_with_churn_are_the_same_fused_or_not() -> None:
+    n = 48
+    links = sim_links("mix:home-broadband=0.8,lte-phone=0.2", n, seed=2)
+    out = []
+    for fuse in (False, True):
+        eng = Engine(links, EngineConfig(contention="device", seed=1))
+        plain = eng.run
+        eng.run = lambda *a, **k: plain(*a, fuse=fuse, **k)  # type: ignore[method-assign]
+        res = simulate_rounds(eng, Scenario("ring", 1 << 16, rounds=6, compute_s=0.2), speeds_for(links.devices),
+                              Churn(n, 0.1, 0.5, seed=3))
+        out.append((res.end, res.sent_per_node, eng.messages))
+    np.testing.assert_array_equal(out[0][0], out[1][0])
+    np.testing.assert_array_equal(out[0][1], out[1][1])
+    assert out[0][2] == out[1][2] > 0

@@ -31,7 +31,8 @@ from commlayer.topologies import registry
 from commlayer.topologies.comm import OpComm
 from commlayer.topologies.p2p import buf
 from commlayer.topologies.reduce_ops import ReduceOp
-from commlayer.topologies.ring import DEFAULT_CHUNK_BYTES
+from commlayer.topologies.ring import DEFAULT_CHUNK_BYTES, ring_schedule
+from commlayer.topologies.schedule import Step, fan
 
 #: Step offset between the phases of one compressed all-reduce (dense collectives use < 2^16 steps).
 PHASE = 1 << 16
@@ -70,6 +71,22 @@ def allgather_encoded(comm: OpComm, enc: Encoded, algo: str = "ring", order: Seq
             out[src] = from_frames(frames[0], frames[1:])
     comm.finish()
     return out  # type: ignore[return-value]
+
+
+def allgather_schedule(size: int, nbytes: int, algo: str = "ring", order: Sequence[int] | None = None) -> list[Step]:
+    """What :func:`allgather_encoded` sends when every payload is ``nbytes``: whole payloads, never chunked.
+
+    ``"ring"``: p-1 steps; in step s the rank at ring position k forwards the payload of position
+    k - s to position k + 1. Otherwise one step in which rank r sends to r+1, r+2, ... (mod p).
+    """
+    p = size
+    if p <= 1:
+        return []
+    if algo == "ring":  # one chunk per payload: the ring's all-gather with a chunk as large as a block
+        elems = max(1, -(-nbytes // 4))
+        return list(ring_schedule(p, elems * p, 4, order, elems * 4, phase="allgather"))
+    outs = [[(s + k) % p for k in range(1, p)] for s in range(p)]
+    return [fan(list(range(p)), outs, [[nbytes] * (p - 1)] * p, work="copy")]
 
 
 class CommExchange:

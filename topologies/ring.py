@@ -170,11 +170,11 @@ def ring_schedule(size: int, numel: int, elem_size: int, order: Sequence[int] | 
     chunks = np.broadcast_to(np.arange(m, dtype=np.int64)[None, :], (p, m))
     steps = 2 * (p - 1) if phase == "allreduce" else p - 1
     shift = 0 if phase == "allgather" else 1
-    pos = np.arange(p)
+    sizes2, valid2 = np.concatenate([sizes, sizes]), np.concatenate([valid, valid])  # block (k - s) % p: rows o..o+p
     for t in range(steps):
-        blk = (pos - t - shift) % p
+        o = (-t - shift) % p
         work = "reduce" if phase == "reduce_scatter" or (phase == "allreduce" and t < p - 1) else "copy"
-        yield Step(src, dst, sizes[blk], chunks, None if full else valid[blk], work=work, one_link=True)
+        yield Step(src, dst, sizes2[o:o + p], chunks, None if full else valid2[o:o + p], work=work, one_link=True)
 
 
 # ---- cost: the schedule above replayed over per-link alpha/beta ----------------------------------

@@ -27,6 +27,7 @@ from typing import Any, Iterable
 import numpy as np
 
 from commlayer.sim.links import SimLinks
+from commlayer.sim.rows import RowRun, fusable
 from commlayer.wan.spec import TCP_MSS_BYTES
 from commlayer.topologies.cost import CostParams
 from commlayer.topologies.schedule import Step
@@ -186,8 +187,13 @@ class Engine:
         return done
 
     def run(self, steps: Iterable[Step], start: np.ndarray, nodes: np.ndarray | None = None,
-            elem_scale: float = 1.0) -> np.ndarray:
+            elem_scale: float = 1.0, fuse: bool = True) -> np.ndarray:
         """Replays a schedule whose ranks are ``nodes`` (default: all), each starting at ``start`` (n,).
+
+        Args:
+            fuse: replay runs of steps on one (senders, receivers) pairing (ring and chain steps) in
+                row space (:mod:`commlayer.sim.rows`): the same results; False moves every step
+                through :meth:`transfer` (the reference the tests compare with).
 
         Returns:
             Per node (n,), when it has processed everything it received (``start`` if nothing).
@@ -197,7 +203,22 @@ class Engine:
         phase = 0
         mapped: dict[tuple[int, int], tuple[np.ndarray, ...]] = {}
         chunk_of: tuple[np.ndarray | None, int, bool] = (None, 0, False)  # (chunk array, width, columns == chunk ids)
+        last: tuple[int, int] | None = None  # the (src, dst) arrays of the previous fusable step
+        run: RowRun | None = None
         for st in steps:
+            key = (id(st.src), id(st.dst))
+            if run is not None and (key != last or st.phase != phase or not fusable(st)):
+                run.close()
+                run = None
+            if run is not None:
+                run.step(st, elem_scale)
+                continue
+            if fuse and key == last and st.phase == phase and fusable(st):  # a second step on one pairing
+                s, d = (st.src, st.dst[:, 0]) if nodes is None else (nodes[st.src], nodes[st.dst[:, 0]])
+                run = RowRun(self, done, s, d)
+                run.step(st, elem_scale)
+                continue
+            last = key if fusable(st) else None
             if st.phase != phase:  # a new loop starts once the earlier ones are done
                 base = np.maximum(base, done.max(axis=1))
                 done = np.maximum(done, base[:, None])
@@ -226,4 +247,6 @@ class Engine:
             else:
                 mask = np.ones(st.dst.shape, dtype=bool) if st.mask is None else st.mask
                 np.maximum.at(done, (st.dst[mask], st.chunk[mask]), fin[mask])
+        if run is not None:
+            run.close()
         return done.max(axis=1)

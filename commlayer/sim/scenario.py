@@ -24,11 +24,11 @@ from commlayer.adapt.cost import EXACT, CodecProfile
 from commlayer.sim.churn import Churn
 from commlayer.sim.engine import Engine
 from commlayer.topologies import registry
+from commlayer.topologies.codec_allreduce import allgather_schedule
 from commlayer.topologies.gossip import gossip_schedule
 from commlayer.topologies.graphs import GRAPHS, make_graph
 from commlayer.topologies.ps_collective import ps_schedule
-from commlayer.topologies.ring import ring_schedule
-from commlayer.topologies.schedule import Step, fan
+from commlayer.topologies.schedule import Step
 
 TOPOLOGIES = ("ring", "tree", "chain", "ps", "ps-async", "gossip")
 
@@ -103,10 +103,7 @@ def collective_steps(sc: Scenario, p: int, order: list[int] | None = None) -> tu
         assert algo.schedule is not None
         if c.linear:
             return algo.schedule(p, wire // 4, 4, order, sc.chunk_bytes), c.elem_scale / max(c.ratio, 1e-9)
-    if algo.gather == "ring":
-        return ring_schedule(p, wire // 4 * p, 4, order, sc.chunk_bytes, phase="allgather"), 1.0
-    outs = [[d for d in range(p) if d != s] for s in range(p)]
-    return [fan(list(range(p)), outs, [[wire] * (p - 1)] * p, work="copy")], 1.0
+    return allgather_schedule(p, wire, algo.gather, order), 1.0
 
 
 def simulate_rounds(engine: Engine, sc: Scenario, speeds: np.ndarray, churn: Churn | None = None) -> RoundsResult:

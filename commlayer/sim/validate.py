@@ -4,7 +4,7 @@ Each world is ``n`` real processes (:func:`commlayer.testing.run_world`) over th
 relay mode (:func:`commlayer.wan.emulated_world`). Per configuration every rank runs ``reps`` timed
 operations after a barrier; a rep's time is the slowest rank's; the median is reported. The
 prediction is the simulator's with ``contention="link"`` (the emulator's independent links) and the
-codec profiles the ranks measured inside the world, one at a time. Gossip also returns the consensus error after each round.
+codec costs the ranks measured inside the world, all at once on a warm codec (:func:`op_codec_profile`). Gossip also returns the consensus error after each round.
 """
 
 from __future__ import annotations
@@ -43,10 +43,14 @@ def _worker(rank: int, world: int, envs: list[dict[str, str]], configs: list[tup
     out: dict[str, Any] = {}
     codecs = CodecCache()
     try:
-        for r in range(world):  # one rank at a time: under this host's ambient load, not an artificial n-way contention
+        specs = sorted({c for _, c in configs})
+        w.barrier()  # every rank at once, as in the operation: n encodes (and n combines) share this host's cores
+        out["__codecs__"] = {c: profile_vector(op_codec_profile(c, nbytes // 4, world)) for c in specs}
+        w.barrier()
+        for r in range(world):  # the profile a planner would use (one rank at a time, cold codec), for comparison
             w.barrier()
             if r == rank:
-                out["__codecs__"] = {c: profile_vector(measure_codec(c, numel=nbytes // 4)) for c in sorted({c for _, c in configs})}
+                out["__codecs_single__"] = {c: profile_vector(measure_codec(c, numel=nbytes // 4)) for c in specs}
         for topo, codec in configs:
             key = f"{topo}|{codec}"
             times = []
@@ -83,21 +87,61 @@ def _worker(rank: int, world: int, envs: list[dict[str, str]], configs: list[tup
     return out
 
 
+def op_codec_profile(spec: str, numel: int, world: int, reps: int = 5) -> Any:
+    """The codec's costs as a compressed all-reduce pays them: a warm codec (error-feedback memory in
+    place), the median of ``reps`` calls; decode is what :func:`commlayer.codecs.aggregate.combine`
+    takes per payload of ``world`` (sparse payloads are added with ``index_add_``, not decoded)."""
+    import torch
+
+    from commlayer.adapt.cost import CodecProfile
+    from commlayer.codecs import CodecContext, aggregation_mode, from_spec
+    from commlayer.codecs.aggregate import combine
+
+    if not spec:
+        return CodecProfile("")
+    codec = from_spec(spec)
+    ctx = CodecContext((numel,), torch.float32, key="__validate__")
+    x = torch.randn(numel, generator=torch.Generator().manual_seed(1))
+    mode = aggregation_mode(codec)
+    enc = codec.encode(x, ctx)  # warm-up: allocations, error-feedback residual
+    t_enc, t_dec = [], []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        enc = codec.encode(x, ctx)
+        t1 = time.perf_counter()
+        if mode == "allreduce":
+            codec.decode(enc, ctx)
+            t_dec.append(time.perf_counter() - t1)
+        else:
+            combine(codec, mode, [enc] * world, ctx, True)
+            t_dec.append((time.perf_counter() - t1) / world)
+        t_enc.append(t1 - t0)
+    raw = numel * 4
+    return CodecProfile(spec, codec.wire_bytes(numel, torch.float32) / raw, raw / max(statistics.median(t_enc), 1e-9),
+                        raw / max(statistics.median(t_dec), 1e-9), 0.0, mode == "allreduce")
+
+
 def measure(n: int, links: str, configs: list[tuple[str, str]], nbytes: int, reps: int = 3, chunk_bytes: int = 1 << 20,
             timeout: float = 600.0) -> dict[str, Any]:
     """Runs ``configs`` ((topology, codec spec) pairs) on ``n`` real ranks over ``links``; per config the median step time.
 
-    ``out["codecs"]``: each codec's profile as the ranks measured it inside the world, one rank at a
-    time (the pessimistic merge over ranks, as the adaptive planner does), for the prediction.
+    ``out["codecs"]``: each codec's profile as the ranks measured it inside the world, all ranks at
+    once and warm (:func:`op_codec_profile`; the pessimistic merge over ranks), for the prediction;
+    ``out["codecs_single"]``: the planner's profile (:func:`~commlayer.adapt.execute.measure_codec`,
+    cold, one rank at a time), for comparison.
     """
     from commlayer.testing import run_world
     from commlayer.wan import emulated_world
 
+    load0 = os.getloadavg()[0]
     with emulated_world(n, links, mode="relay") as world:
         res = run_world(_worker, n, [world.env(r) for r in range(n)], configs, nbytes, reps, chunk_bytes, timeout=timeout)
     from commlayer.adapt.execute import merge_profiles
 
-    out: dict[str, Any] = {"codecs": {c: merge_profiles(c, [r["__codecs__"][c] for r in res]) for c in res[0]["__codecs__"]}}
+    out: dict[str, Any] = {"codecs": {c: merge_profiles(c, [r["__codecs__"][c] for r in res]) for c in res[0]["__codecs__"]},
+                           "codecs_single": {c: merge_profiles(c, [r["__codecs_single__"][c] for r in res])
+                                             for c in res[0]["__codecs_single__"]},
+                           "load1": [load0, os.getloadavg()[0]]}
     for topo, codec in configs:
         key = f"{topo}|{codec}"
         per_rep = np.max(np.array([r[key] for r in res]), axis=0)
