@@ -57,7 +57,8 @@ CELLS = {c.name: c for c in (
 def _summary(runs: list[dict[str, Any]], ref: list[dict[str, Any]] | None) -> dict[str, Any]:
     deaths = sum(any(r["error"] for r in run["ranks"]) for run in runs)
     keys = sorted({k for run in runs for r in run["ranks"] for k in r["times"]})
-    times = {k: statistics.median([max(r["times"].get(k, float("nan")) for r in run["ranks"]) for run in runs]) for k in keys}
+    ok = [run for run in runs if not any(r["error"] for r in run["ranks"])]  # a failed run has no time to compare
+    times = {k: statistics.median([max(r["times"][k] for r in run["ranks"]) for run in ok]) for k in keys if ok}
     rss = statistics.median([max((r["rss_mib"] or 0) for r in run["ranks"]) for run in runs])
     exact = []
     for i, run in enumerate(runs):
@@ -71,7 +72,7 @@ def _summary(runs: list[dict[str, Any]], ref: list[dict[str, Any]] | None) -> di
                 same = max(abs(a - b) for a, b in zip(params[0], g)) <= 1e-5
             exact.append(same)
     errors = sorted({r["error"][:200] for run in runs for r in run["ranks"] if r["error"]})
-    return {"runs": len(runs), "false_deaths": deaths, "exact_runs": sum(exact), "median_time_s": times,
+    return {"runs": len(runs), "false_deaths": deaths, "timed_runs": len(ok), "exact_runs": sum(exact), "median_time_s": times,
             "median_peak_rss_mib": round(rss, 1), "errors": errors[:5]}
 
 
@@ -126,7 +127,7 @@ def _matrix(a: argparse.Namespace, sizes: list[float], variants: dict[str, tuple
                 ratio = {k: round(t / gloo[k], 3) for k, t in s["median_time_s"].items() if gloo.get(k)}
                 results[f"{cname}/{wl}/{v}"] = {**s, "ratio_to_gloo": ratio, "raw": rr}
                 print(f"== {cname}/{wl}/{v}: false deaths {s['false_deaths']}/{s['runs']}, exact {s['exact_runs']}/{s['runs']}, "
-                      f"median time {json.dumps({k: round(t, 2) for k, t in s['median_time_s'].items()})}, "
+                      f"median time over {s['timed_runs']} OK runs {json.dumps({k: round(t, 2) for k, t in s['median_time_s'].items()})}, "
                       f"/gloo {json.dumps(ratio)}, peak RSS {s['median_peak_rss_mib']} MiB", flush=True)
     return results
 
