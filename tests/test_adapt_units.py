@@ -93,8 +93,8 @@ def test_ps_and_gossip_costs() -> None:
     s = LinkMatrixSnapshot.uniform(4, 0.01, 10 * MB)
     n = 4 << 20
     assert ps_time(s, n, [0, 1], P) < ps_time(s, n, [0], P)  # more servers, smaller shards
-    assert gossip_time(s, n, [(0, 1), (1, 2), (2, 3), (3, 0)], P) == pytest.approx(0.01 + n / (10 * MB) + P.msg_overhead_s
-                                                                                   + n / P.reduce_Bps)
+    want = 0.01 + (n + P.msg_wire_bytes) / (10 * MB) + P.msg_overhead_s + n / P.reduce_Bps  # framing rides the link
+    assert gossip_time(s, n, [(0, 1), (1, 2), (2, 3), (3, 0)], P) == pytest.approx(want)
 
 
 def test_codec_cost_includes_encode_decode_and_wire_bytes() -> None:
@@ -174,3 +174,96 @@ def test_cli_probe_rejects_one_rank(capsys) -> None:
 
     assert main(["probe", "--nproc", "1"]) == 2
     assert "--nproc: expected >= 2" in capsys.readouterr().err
+
+
+# ---- chunk size: the per-message framing decides where pipelining buys nothing (issue 11) ----------------------
+def _ring_reference(s: LinkMatrixSnapshot, nbytes: int, chunk: int, params: CostParams) -> float:
+    """The pipelined ring all-reduce priced message by message (no merging of chunks, ragged last chunk), pulled
+    through its dependency graph: a message leaves when its data was reduced and its link is free (FIFO by
+    step, then chunk); a rank handles what it receives in the same order."""
+    import functools
+
+    p = s.size
+    S, R = 2 * (p - 1), p - 1
+    block = nbytes // p
+    K = max(1, math.ceil(block / chunk))
+    size = [min(chunk, block - j * chunk) for j in range(K)]
+
+    @functools.lru_cache(maxsize=None)
+    def sent(k: int, t: int, j: int) -> float:  # rank k's message of step t, chunk j, fully on its link
+        ready = 0.0 if t == 0 else done(k, t, j)
+        before = sent(k, t, j - 1) if j else (sent(k, t - 1, K - 1) if t else 0.0)
+        return max(before, ready) + (size[j] + params.msg_wire_bytes) / s.beta[k][(k + 1) % p]
+
+    @functools.lru_cache(maxsize=None)
+    def done(k: int, t: int, j: int) -> float:  # rank k has handled what it received in step t, chunk j
+        arrive = sent((k - 1) % p, t - 1, j) + s.alpha[(k - 1) % p][k]
+        before = done(k, t, j - 1) if j else (done(k, t - 1, K - 1) if t > 1 else 0.0)
+        work = size[j] / params.reduce_Bps if t <= R else size[j] / params.copy_Bps
+        return max(before, arrive) + params.msg_overhead_s + work
+
+    for t in range(S + 1):  # fill the caches in time order, so the recursion stays shallow
+        for k in range(p):
+            for j in range(K):
+                done(k, t, j) if t else sent(k, t, j)
+    return max(done(k, S, K - 1) for k in range(p))
+
+
+CHUNKS = (64 << 10, 256 << 10, 1 << 20, 4 << 20)
+SCENARIOS = {  # name: (snapshot, all_reduce bytes)
+    "bloat2m 2 MiB": (LinkMatrixSnapshot.uniform(4, 0.002, 2 * MB), 2 << 20),
+    "bloat2m 8 MiB": (LinkMatrixSnapshot.uniform(4, 0.002, 2 * MB), 8 << 20),
+    "2 Mbit/s, 3 s latency": (LinkMatrixSnapshot.uniform(4, 3.0, 2 * MB), 2 << 20),
+    "slow pair": (_slow_pair(), 8 << 20),
+    "fast LAN": (LinkMatrixSnapshot.uniform(4, 5e-5, 10e3 * MB), 8 << 20),
+}
+
+
+@pytest.mark.parametrize("name", list(SCENARIOS))
+def test_ring_cost_matches_the_message_by_message_reference(name: str) -> None:
+    s, n = SCENARIOS[name]
+    for c in CHUNKS:
+        if math.ceil(n / 4 / c) <= P.max_sim_chunks:  # merged chunks are an approximation, checked below
+            assert ring_allreduce_time(s, n, None, c, P) == pytest.approx(_ring_reference(s, n, c, P), rel=1e-9), c
+    assert ring_allreduce_time(s, 64 << 20, None, 64 << 10, P) == pytest.approx(_ring_reference(s, 64 << 20, 64 << 10, P), rel=0.02)
+
+
+@pytest.mark.parametrize("name", list(SCENARIOS))
+def test_planner_chunk_is_the_reference_optimum(name: str) -> None:
+    """The plan's chunk is the one the message-by-message reference finds fastest among the sizes the planner
+    may use (a brute force over them), to 0.01 %."""
+    s, n = SCENARIOS[name]
+    cands = [c for c in pol.candidates(s, n, [CodecProfile("")], CHUNKS, P) if c.algo == "ring" and c.order is None]
+    best, _ = pol.choose(cands, pol.Policy(), exact=True)
+    ref = {c: _ring_reference(s, n, c, P) for c in CHUNKS}
+    fastest = min(ref.values())
+    assert ref[best.chunk_bytes] <= fastest * (1 + 1e-4), (best.chunk_bytes, ref)
+
+
+def test_bigger_chunks_win_where_pipelining_buys_nothing_and_smaller_where_links_wait() -> None:
+    bloat, n = SCENARIOS["bloat2m 2 MiB"]
+    # a bandwidth-bound ring keeps every link busy: the time is S x K messages of framing + payload, in closed form
+    S, block = 6, n / 4
+    for c in (64 << 10, 256 << 10):
+        k = block / c
+        closed = S * k * (c + P.msg_wire_bytes) / bloat.beta[0][1] + bloat.alpha[0][1] + P.msg_overhead_s + c / P.copy_Bps
+        assert ring_allreduce_time(bloat, n, None, c, P) == pytest.approx(closed, rel=1e-9)
+    plan = {name: pol.choose(pol.candidates(s, m, [CodecProfile("")], CHUNKS, P), pol.Policy(), exact=True)[0]
+            for name, (s, m) in SCENARIOS.items()}
+    assert plan["bloat2m 2 MiB"].algo == "ring" and plan["bloat2m 2 MiB"].chunk_bytes > 64 << 10
+    assert plan["bloat2m 8 MiB"].chunk_bytes > 64 << 10
+    assert plan["2 Mbit/s, 3 s latency"].chunk_bytes == 64 << 10  # each step waits 3 s: small chunks fill it
+    # without the framing only the last chunk's copy (64 us) tells 64 KiB from 256 KiB, and the most messages won
+    bare = CostParams(msg_wire_bytes=0.0)
+    t64, t256 = (ring_allreduce_time(bloat, n, None, c, bare) for c in (64 << 10, 256 << 10))
+    assert t64 < t256 < t64 * (1 + 1e-5)
+
+
+def test_msg_wire_bytes_covers_a_ring_chunk_header() -> None:
+    from commlayer.transport import envelope
+    from commlayer.transport.wire import Call
+
+    h = envelope.collective("allreduce/ring/v12-1a2b3c4d", "pg0", 123456, 3, Call(-1, 1 << 24, "float32", "sum"), step=5,
+                            chunk=31, dtype="float32", shape=(1 << 14,), nbytes=(1 << 16,))
+    zmtp = 2 + 9  # short frame header of the msgpack header, long frame header of the payload
+    assert len(h.pack()) + zmtp <= P.msg_wire_bytes <= 2 * (len(h.pack()) + zmtp)

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from commlayer.topologies.comm import OpComm
-from commlayer.topologies.cost import CostParams, Links, chunking
+from commlayer.topologies.cost import CostParams, Links, chunking, framing
 from commlayer.topologies.reduce_ops import ReduceOp, combine_
 from commlayer.topologies.ring import DEFAULT_CHUNK_BYTES, _chunks
 from commlayer.topologies.schedule import Step
@@ -78,7 +78,7 @@ def chain_schedule(size: int, numel: int, elem_size: int, order: Sequence[int] |
 
 
 def _pipeline(s: Links, path: Sequence[int], k: int, c: float, o: float, work: float, cpu: list[float]) -> None:
-    """Advances ``cpu`` (per-rank clocks) by ``k`` chunks of ``c`` bytes flowing down ``path``."""
+    """Advances ``cpu`` (per-rank clocks) by ``k`` chunks of ``c`` bytes on the wire flowing down ``path``."""
     a, b = path[0], path[1]
     free, arrive = cpu[a], []
     for _ in range(k):
@@ -104,7 +104,8 @@ def chain_allreduce_time(s: Links, nbytes: float, order: Sequence[int] | None, c
         return 0.0
     path = _path(p, order)
     k, c, o = chunking(nbytes, chunk_bytes, params)
+    w = c + framing(nbytes, chunk_bytes, params)  # bytes on the wire per simulated chunk
     cpu = [0.0] * p
-    _pipeline(s, path, k, c, o, c * elem_scale / params.reduce_Bps, cpu)
-    _pipeline(s, path[::-1], k, c, o, c / params.copy_Bps, cpu)
+    _pipeline(s, path, k, w, o, c * elem_scale / params.reduce_Bps, cpu)
+    _pipeline(s, path[::-1], k, w, o, c / params.copy_Bps, cpu)
     return max(cpu)

@@ -85,9 +85,9 @@ def ps_time(s: Links, nbytes: float, servers: Sequence[int], params: CostParams)
         return 0.0
     shard = nbytes / S
     o = params.msg_overhead_s
-    push = max((s.alpha[w][k] + shard / s.beta[w][k] + o) if w != k else 0.0 for k in servers for w in range(p))
+    push = max((s.alpha[w][k] + (shard + params.msg_wire_bytes) / s.beta[w][k] + o) if w != k else 0.0 for k in servers for w in range(p))
     reduce = (p - 1) * shard / params.reduce_Bps
-    pull = max((s.alpha[k][w] + shard / s.beta[k][w] + o) if w != k else 0.0 for k in servers for w in range(p))
+    pull = max((s.alpha[k][w] + (shard + params.msg_wire_bytes) / s.beta[k][w] + o) if w != k else 0.0 for k in servers for w in range(p))
     return push + reduce + pull
 
 

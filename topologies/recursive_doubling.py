@@ -85,7 +85,7 @@ def recursive_doubling_time(s: Links, nbytes: float, params: CostParams, elem_sc
     o = params.msg_overhead_s
 
     def xfer(a: int, b: int, t_send: float) -> float:
-        return t_send + s.alpha[a][b] + nbytes / s.beta[a][b] + o
+        return t_send + s.alpha[a][b] + (nbytes + params.msg_wire_bytes) / s.beta[a][b] + o
 
     t = [0.0] * p
     pof2 = 1 << (p.bit_length() - 1)

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from commlayer.topologies.comm import OpComm
-from commlayer.topologies.cost import CostParams, Links, chunking
+from commlayer.topologies.cost import CostParams, Links, chunking, framing
 from commlayer.topologies.reduce_ops import ReduceOp, combine_
 from commlayer.topologies.schedule import Step
 
@@ -192,7 +192,8 @@ def ring_time(s: Links, nbytes: float, order: Sequence[int], chunk_bytes: int, p
     R = (p - 1) if reduce_steps is None else reduce_steps
     K, c, o = chunking(nbytes / p, chunk_bytes, params)
     links = [(order[k], order[(k + 1) % p]) for k in range(p)]
-    ser = [c / s.beta[a][b] for a, b in links]
+    wire = c + framing(nbytes / p, chunk_bytes, params)  # each message's framing rides the link too
+    ser = [wire / s.beta[a][b] for a, b in links]
     lat = [s.alpha[a][b] for a, b in links]
     red = c * elem_scale / params.reduce_Bps
     cpy = c / params.copy_Bps

@@ -2,8 +2,11 @@
 
 Every directed link i->j has a one-way latency ``alpha[i][j]`` (s) and a bandwidth ``beta[i][j]``
 (bytes/s): a message of n bytes takes ``alpha + n / beta`` once the link is free, and a link carries
-one message at a time (FIFO). On top, each message costs ``msg_overhead_s`` of CPU at the receiver,
-and reductions run at ``reduce_Bps``.
+one message at a time (FIFO). On top, each message carries ``msg_wire_bytes`` of framing on its link
+and costs ``msg_overhead_s`` of CPU at the receiver, and reductions run at ``reduce_Bps``. The framing
+is the per-message cost that decides the chunk size where pipelining buys nothing (a bandwidth-bound
+ring keeps every link busy whatever the chunk): fewer, larger chunks win there, smaller ones where
+links would otherwise wait (long latency, a slow link upstream).
 
 Algorithms are composed by replaying their exact message schedule over these links (a small
 event recursion, not a closed form), so heterogeneous links, pipelining and ring order come out
@@ -35,8 +38,8 @@ def gossip_time(s: LinkMatrixSnapshot, nbytes: float, edges: Sequence[tuple[int,
     """One gossip round: every rank exchanges its tensor with its neighbours (undirected ``edges``)."""
     if not edges or nbytes <= 0:
         return 0.0
-    o = params.msg_overhead_s
-    return max(max(s.alpha[a][b] + nbytes / s.beta[a][b], s.alpha[b][a] + nbytes / s.beta[b][a]) + o for a, b in edges) \
+    o, w = params.msg_overhead_s, nbytes + params.msg_wire_bytes
+    return max(max(s.alpha[a][b] + w / s.beta[a][b], s.alpha[b][a] + w / s.beta[b][a]) + o for a, b in edges) \
         + nbytes / params.reduce_Bps
 
 

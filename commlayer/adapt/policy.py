@@ -97,7 +97,7 @@ def candidates(s: LinkMatrixSnapshot, nbytes: int, codecs: Sequence[CodecProfile
     out = []
     for codec in codecs:
         wire_block = block * codec.ratio
-        useful = sorted({c for c in chunks if c < 2 * wire_block} | {min(chunks)}) if chunks else [1 << 20]
+        useful = _useful_chunks(chunks, wire_block)
         for algo in registry.candidates():
             if algo.uses_order:  # pipelined: every ring order and useful chunk size
                 for order in orders:
@@ -108,6 +108,15 @@ def candidates(s: LinkMatrixSnapshot, nbytes: int, codecs: Sequence[CodecProfile
                 out.append(Candidate(algo.name, None, max(useful), codec,
                                      allreduce_time(s, nbytes, algo.name, None, max(useful), params, codec)))
     return out
+
+
+def _useful_chunks(chunks: Sequence[int], block: float) -> list[int]:
+    """The chunk sizes that make different schedules for blocks of ``block`` bytes: every one below the block,
+    the smallest at or above it (one message per block: "no pipelining"), and the smallest of all."""
+    if not chunks:
+        return [1 << 20]
+    whole = [c for c in chunks if c >= block]
+    return sorted({c for c in chunks if c < block} | ({min(whole)} if whole else set()) | {min(chunks)})
 
 
 def choose(cands: Sequence[Candidate], policy: Policy, exact: bool) -> tuple[Candidate, str]:

@@ -30,7 +30,7 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[2]
 WORLD = 4
-PREFIX = "live"  # namespaces and veths of these runs: never clashes with another user's
+PREFIX = "live"  # default start of the namespace and veth names (+ a random tag); pass ``prefix`` to keep apart from others
 _WORKER = [sys.executable, "-m", "commlayer.testing.liveness", "--worker"]
 
 
@@ -113,19 +113,19 @@ def worker(backend: str, workload: str, sizes_mib: list[float], steps: int, time
     return out
 
 
-def _world(cell: Cell, world: int = WORLD) -> Any:
+def _world(cell: Cell, world: int = WORLD, prefix: str = PREFIX) -> Any:
     if cell.kind == "kernel":
         from commlayer.wan.kernel import AccessLink, KernelWorld
 
         p = cell.params
-        return KernelWorld([AccessLink(p["up"], p["down"], p["up_q"], p["down_q"])] * world, prefix=PREFIX)
+        return KernelWorld([AccessLink(p["up"], p["down"], p["up_q"], p["down_q"])] * world, prefix=prefix)
     from commlayer.wan.matrix import uniform_matrix
     from commlayer.wan.netns import NetnsWorld
     from commlayer.wan.spec import LinkSpec
 
     p = cell.params
     spec = LinkSpec(delay_ms=p["delay"], rate_mbit=p["rate"], jitter_ms=p["jitter"], loss=p["loss"], queue_ms=500.0)
-    return NetnsWorld(uniform_matrix(cell.name, world, spec), seed=int(time.time()), prefix=PREFIX)
+    return NetnsWorld(uniform_matrix(cell.name, world, spec), seed=int(time.time()), prefix=prefix)
 
 
 def _env(w: Any, rank: int, world: int) -> dict[str, str]:
@@ -138,10 +138,14 @@ def _env(w: Any, rank: int, world: int) -> dict[str, str]:
 
 
 def run_once(cell: Cell, backend: str, workload: str, sizes: list[float], steps: int, timeout_s: float,
-             extra_env: dict[str, str] | None = None, world: int = WORLD) -> dict[str, Any]:
-    """One run of ``workload`` with ``backend`` on a fresh world of ``cell``; per-rank results."""
+             extra_env: dict[str, str] | None = None, world: int = WORLD, prefix: str = PREFIX) -> dict[str, Any]:
+    """One run of ``workload`` with ``backend`` on a fresh world of ``cell``; per-rank results.
+
+    ``extra_env`` is added to every rank's environment (e.g. ``COMMLAYER_ALGO``); ``prefix`` starts the
+    names of the world's namespaces and veths (<= 6 characters; each world adds a random tag).
+    """
     t_start = time.monotonic()
-    with _world(cell, world) as w:
+    with _world(cell, world, prefix) as w:
         procs = []
         for r in range(world):
             env = {**os.environ, **_env(w, r, world), "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), **(extra_env or {})}
@@ -183,7 +187,7 @@ def run_once(cell: Cell, backend: str, workload: str, sizes: list[float], steps:
             "wall_s": time.monotonic() - t_start}
 
 
-def failure_once(kind: str, world: int = 3, victim: int = 2, timeout_s: float = 60.0) -> dict[str, Any]:
+def failure_once(kind: str, world: int = 3, victim: int = 2, timeout_s: float = 60.0, prefix: str = PREFIX) -> dict[str, Any]:
     """A real failure of rank ``victim`` while every rank loops small all_reduces (zmq backend).
 
     ``kind``: "local-kill" (SIGKILL, all ranks on this machine: ipc and shared memory), "remote-kill"
@@ -194,7 +198,7 @@ def failure_once(kind: str, world: int = 3, victim: int = 2, timeout_s: float = 
     """
     from commlayer.wan.kernel import AccessLink, KernelWorld
 
-    w = None if kind == "local-kill" else KernelWorld([AccessLink(100, 100, 50, 50)] * world, prefix=PREFIX)
+    w = None if kind == "local-kill" else KernelWorld([AccessLink(100, 100, 50, 50)] * world, prefix=prefix)
     cmd = [*_WORKER, "zmq", "--workloads", "loop", "--timeout", str(timeout_s)]
     port = str(29700 + os.getpid() % 200)
     procs: list[Any] = []  # Popen[str] with stdout and stderr pipes
