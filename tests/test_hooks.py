@@ -14,7 +14,7 @@ import torch.nn as nn
 from multiproc import run_world
 
 WORLD = 4
-STEPS = 120
+STEPS = 60
 VARIANTS = [
     "dense",  # DDP's own allreduce
     "identity",
