@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from multiproc import run_world
@@ -94,3 +96,17 @@ def test_ranks_see_the_parents_environment_at_start_not_the_forkservers(monkeypa
     monkeypatch.delenv("HOME")
     assert run_world(_env_get, 2, "COMMLAYER_TEST_LATE_VAR", timeout=60) == ["late", "late"]
     assert run_world(_env_get, 1, "HOME", timeout=60) == [None]
+
+
+def _leave_with_atexit(rank: int, world_size: int, path: str) -> int:
+    import atexit
+    from pathlib import Path
+
+    atexit.register(lambda: Path(path).write_text(f"rank {rank} exited cleanly"))
+    return rank
+
+
+def test_ranks_run_their_atexit_handlers(tmp_path: Path) -> None:
+    """A rank leaves as a spawned interpreter would: its atexit handlers (e.g. commlayer closing live groups) run."""
+    assert run_world(_leave_with_atexit, 1, str(tmp_path / "flag"), timeout=60) == [0]
+    assert (tmp_path / "flag").read_text() == "rank 0 exited cleanly"

@@ -18,6 +18,7 @@ LOCAL_WORLD_SIZE) unless the caller's per-rank environment overrides them.
 
 from __future__ import annotations
 
+import atexit
 import faulthandler
 import logging
 import multiprocessing as mp
@@ -65,11 +66,9 @@ def stack_file(pid: int) -> Path:
 def _child(fn: Callable[..., Any], rank: int, world: int, env: dict[str, str], parent_env: dict[str, str],
            args: Sequence[Any], q: Any, pass_events: bool, quiet: bool) -> None:
     os.environ.clear()  # the parent's environment at start(), as spawn inherits it (forkserver: the server's)
-    os.environ.update({**parent_env, **env})
+    os.environ.update({**parent_env, **env, "RANK": env.get("RANK", str(rank)), "LOCAL_RANK": env.get("LOCAL_RANK", str(rank))})
     stacks = open(stack_file(os.getpid()), "w")  # noqa: SIM115 - open for the process's life (hang reports)
     faulthandler.register(signal.SIGUSR1, file=stacks, all_threads=True)
-    os.environ["RANK"] = env.get("RANK", str(rank))
-    os.environ["LOCAL_RANK"] = env.get("LOCAL_RANK", str(rank))
     if quiet:
         logging.getLogger("commlayer").setLevel(logging.CRITICAL)  # rejections and peer deaths are expected
         warnings.filterwarnings("ignore", category=FutureWarning)  # torch's renames of the *_tensor collectives
@@ -77,6 +76,8 @@ def _child(fn: Callable[..., Any], rank: int, world: int, env: dict[str, str], p
         q.put((rank, "result", fn(rank, world, q, *args) if pass_events else fn(rank, world, *args)))
     except BaseException as exc:  # report everything, including SystemExit
         q.put((rank, "error", f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}"))
+    finally:  # a forkserver child leaves by os._exit: run the atexit handlers (groups' shutdown) as spawn's exit does
+        atexit._run_exitfuncs()
 
 
 class Ranks:
