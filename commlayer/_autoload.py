@@ -8,6 +8,7 @@ lets an exception escape: a broken install must not break ``import torch``.
 from __future__ import annotations
 
 import logging
+import os
 
 logger = logging.getLogger(__name__)
 
@@ -43,6 +44,18 @@ def register_backend() -> bool:
         logger.warning("could not register the zmq torch.distributed backend: %r", exc)
         return False
     return True
+
+
+def torch_will_register() -> bool:
+    """True when a later ``import torch`` registers ``zmq`` itself (entry point installed, torch's autoload on)."""
+    if os.environ.get("TORCH_DEVICE_BACKEND_AUTOLOAD", "1") != "1":  # torch's own switch (torch/__init__.py)
+        return False
+    try:
+        from importlib.metadata import entry_points
+
+        return any(ep.value == f"{__name__}:autoload" for ep in entry_points(group="torch.backends"))
+    except Exception:  # pragma: no cover - defensive: then register eagerly
+        return False
 
 
 def autoload() -> None:

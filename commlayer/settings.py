@@ -155,6 +155,7 @@ EXTERNAL: dict[str, str] = {
     "TMPDIR": "commlayer/testing/launch.py (where ranks dump their stacks for hang reports)",
     "TORCHELASTIC_RESTART_COUNT": "transport/bootstrap.py (endpoint records scoped to the elastic attempt)",
     "TORCH_DISTRIBUTED_DEBUG": "transport/config.py (DETAIL turns on the cross-rank shape check, like COMMLAYER_DEBUG=detail)",
+    "TORCH_DEVICE_BACKEND_AUTOLOAD": "_autoload.py (unless 1, torch skips the entry point, so import commlayer registers zmq itself)",
 }
 
 

@@ -284,8 +284,12 @@ def _hook_worker(rank: int, world: int, spec: str) -> dict:
         if rank == 1:
             time.sleep(1.5)  # rank 0's hooks return while rank 1 has not joined any collective yet
         loss.backward()
+    _KEEP.append(model)  # see tests/test_hooks.py::_KEEP: freeing it here can deadlock torch's gloo teardown
     dist.destroy_process_group()
     return {"record": record, "mode": state.resolved_mode}
+
+
+_KEEP: list[nn.Module] = []
 
 
 @pytest.mark.parametrize("spec", ["topk:ratio=0.25", "powersgd:rank=1", "sign:scale=none"])

@@ -14,7 +14,7 @@ import torch.nn as nn
 from multiproc import run_world
 
 WORLD = 4
-STEPS = 120
+STEPS = 60
 VARIANTS = [
     "dense",  # DDP's own allreduce
     "identity",
@@ -90,8 +90,15 @@ def _train(rank: int, world: int) -> dict:
     x, y = _data(rank, 0)
     nn.functional.mse_loss(ddp(x), y).backward()
     out["vote"] = [p.grad.numpy().copy() for p in model.parameters()]
+    _KEEP.append(ddp)
     dist.destroy_process_group()
     return out
+
+
+# Kept until the rank exits: dropping a DDP's last reference to its gloo group right after backward joins gloo's
+# worker thread with the GIL held while that thread may still be unwinding the hook's future callbacks (it needs the
+# GIL): a deadlock inside torch (seen: ~ProcessGroupGloo in std::thread::join vs take_gil in markCompleted).
+_KEEP: list[nn.Module] = []
 
 
 @pytest.fixture(scope="module")

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from multiproc import run_world
@@ -79,3 +81,32 @@ def test_run_ranks_times_out() -> None:
 
     res = run_ranks([[sys.executable, "-c", "import time; time.sleep(60)"]], [{}], lambda r, line: None, timeout_s=1.0)
     assert res.timed_out and res.codes == [None] and res.first_failure is None
+
+
+def _env_get(rank: int, world_size: int, name: str) -> str | None:
+    import os
+
+    return os.environ.get(name)
+
+
+def test_ranks_see_the_parents_environment_at_start_not_the_forkservers(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ranks fork from a server started earlier; each must still get the parent's environment as it is now."""
+    assert run_world(_env_get, 1, "HOME", timeout=60)[0]  # the forkserver runs, with HOME set
+    monkeypatch.setenv("COMMLAYER_TEST_LATE_VAR", "late")
+    monkeypatch.delenv("HOME")
+    assert run_world(_env_get, 2, "COMMLAYER_TEST_LATE_VAR", timeout=60) == ["late", "late"]
+    assert run_world(_env_get, 1, "HOME", timeout=60) == [None]
+
+
+def _leave_with_atexit(rank: int, world_size: int, path: str) -> int:
+    import atexit
+    from pathlib import Path
+
+    atexit.register(lambda: Path(path).write_text(f"rank {rank} exited cleanly"))
+    return rank
+
+
+def test_ranks_run_their_atexit_handlers(tmp_path: Path) -> None:
+    """A rank leaves as a spawned interpreter would: its atexit handlers (e.g. commlayer closing live groups) run."""
+    assert run_world(_leave_with_atexit, 1, str(tmp_path / "flag"), timeout=60) == [0]
+    assert (tmp_path / "flag").read_text() == "rank 0 exited cleanly"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import zipfile
@@ -42,3 +43,14 @@ def test_import_torch_registers_zmq_without_importing_commlayer() -> None:
     code = "import torch.distributed as dist, sys; print('zmq' in dist.Backend.backend_list, 'commlayer.backend.process_group' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True, timeout=120)
     assert out.stdout.split() == ["True", "False"]
+
+
+def test_import_commlayer_defers_torch_to_its_entry_point() -> None:
+    """The emulator's helper processes import commlayer without torch; a later torch import still registers zmq."""
+    code = ("import sys, commlayer, commlayer.wan.relay, commlayer.testing; t = 'torch' in sys.modules; "
+            "import torch.distributed as dist; print(t, 'zmq' in dist.Backend.backend_list)")
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True, timeout=120)
+    assert out.stdout.split() == ["False", "True"]
+    off = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "TORCH_DEVICE_BACKEND_AUTOLOAD": "0"})
+    assert off.stdout.split() == ["True", "True"]  # torch will not load the entry point: commlayer registers eagerly

@@ -7,6 +7,7 @@ import os
 import socket
 import threading
 import time
+from pathlib import Path
 from datetime import timedelta
 
 import msgpack
@@ -205,7 +206,9 @@ def test_authenticated_member_cannot_speak_for_another_rank() -> None:
             t.close()
 
 
-def _mismatch_worker(rank: int, world: int) -> str:
+def _mismatch_worker(rank: int, world: int, done_flag: str) -> str:
+    from pathlib import Path
+
     os.environ["COMMLAYER_SECRET"] = SECRET if rank != 1 else SECRET + "-other"
     t0 = time.monotonic()
     try:
@@ -214,12 +217,15 @@ def _mismatch_worker(rank: int, world: int) -> str:
     except Exception as exc:
         return f"{time.monotonic() - t0:.1f}s {type(exc).__name__}: {exc}"
     finally:
-        if rank == 0:  # rank 0 hosts torch's TCPStore: let the other rank reach its own error first
-            time.sleep(3)
+        if rank == 1:
+            Path(done_flag).touch()
+        deadline = time.monotonic() + 30
+        while rank == 0 and not Path(done_flag).exists() and time.monotonic() < deadline:
+            time.sleep(0.05)  # rank 0 hosts torch's TCPStore: the other rank must reach its own error first
 
 
-def test_mismatched_secrets_fail_fast_with_clear_error() -> None:
-    res = run_world(_mismatch_worker, 2, timeout=60)
+def test_mismatched_secrets_fail_fast_with_clear_error(tmp_path: Path) -> None:
+    res = run_world(_mismatch_worker, 2, str(tmp_path / "rank1-done"), timeout=60)
     for msg in res:
         assert "no error" not in msg and ("key" in msg or "secret" in msg.lower()), msg
         assert float(msg.split("s ", 1)[0]) < 15, msg

@@ -4,9 +4,10 @@ Two front ends share one supervision loop and one way to stop processes
 (:mod:`commlayer.testing.supervise`):
 
 * :class:`Ranks` / :func:`run_world`: ``fn(rank, world, *args)`` in N processes of a
-  multiprocessing context (spawn by default; the reliability harness passes a forkserver that has
-  imported torch). Used by the tests, benchmarks, examples and ``commlayer probe``. Results travel
-  back through a multiprocessing queue (a harness channel, never commlayer's wire).
+  multiprocessing context (by default :func:`preloaded_context`, a forkserver that has imported
+  torch once, so a rank costs a fork instead of a 5-10 s torch import). Used by the tests,
+  benchmarks, examples and ``commlayer probe``. Results travel back through a multiprocessing
+  queue (a harness channel, never commlayer's wire).
 * :func:`run_ranks`: N command lines (``python script.py`` behind an optional ``ip netns exec``
   prefix), each in its own session, output delivered line by line. Used by ``commlayer launch``
   and the demo/bench runner.
@@ -17,6 +18,7 @@ LOCAL_WORLD_SIZE) unless the caller's per-rank environment overrides them.
 
 from __future__ import annotations
 
+import atexit
 import faulthandler
 import logging
 import multiprocessing as mp
@@ -37,6 +39,18 @@ from commlayer.testing.supervise import signal_quietly, sleep_tick, stop_session
 
 logger = logging.getLogger(__name__)
 
+_CTX: Any = None
+
+
+def preloaded_context() -> Any:
+    """The default start method: a forkserver that has imported torch (its children fork, they do not import it)."""
+    global _CTX
+    if _CTX is None:
+        os.environ.setdefault("OMP_NUM_THREADS", "1")  # inherited by the server before torch loads
+        _CTX = mp.get_context("forkserver")
+        _CTX.set_forkserver_preload(["torch", "torch.distributed", "torch._dynamo"])  # DDP() imports _dynamo: 3.5 s
+    return _CTX
+
 
 def torchrun_env(world: int, master_port: int | None = None, master_addr: str = "127.0.0.1") -> dict[str, str]:
     """The variables torchrun sets for every rank of a single-node job (RANK is set per rank)."""
@@ -49,13 +63,12 @@ def stack_file(pid: int) -> Path:
     return Path(os.environ.get("TMPDIR", "/tmp")) / f"commlayer-ranks-{pid}.stacks"
 
 
-def _child(fn: Callable[..., Any], rank: int, world: int, env: dict[str, str], args: Sequence[Any], q: Any,
-           pass_events: bool, quiet: bool) -> None:
+def _child(fn: Callable[..., Any], rank: int, world: int, env: dict[str, str], parent_env: dict[str, str],
+           args: Sequence[Any], q: Any, pass_events: bool, quiet: bool) -> None:
+    os.environ.clear()  # the parent's environment at start(), as spawn inherits it (forkserver: the server's)
+    os.environ.update({**parent_env, **env, "RANK": env.get("RANK", str(rank)), "LOCAL_RANK": env.get("LOCAL_RANK", str(rank))})
     stacks = open(stack_file(os.getpid()), "w")  # noqa: SIM115 - open for the process's life (hang reports)
     faulthandler.register(signal.SIGUSR1, file=stacks, all_threads=True)
-    os.environ.update(env)
-    os.environ["RANK"] = env.get("RANK", str(rank))
-    os.environ["LOCAL_RANK"] = env.get("LOCAL_RANK", str(rank))
     if quiet:
         logging.getLogger("commlayer").setLevel(logging.CRITICAL)  # rejections and peer deaths are expected
         warnings.filterwarnings("ignore", category=FutureWarning)  # torch's renames of the *_tensor collectives
@@ -63,6 +76,8 @@ def _child(fn: Callable[..., Any], rank: int, world: int, env: dict[str, str], a
         q.put((rank, "result", fn(rank, world, q, *args) if pass_events else fn(rank, world, *args)))
     except BaseException as exc:  # report everything, including SystemExit
         q.put((rank, "error", f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}"))
+    finally:  # a forkserver child leaves by os._exit: run the atexit handlers (groups' shutdown) as spawn's exit does
+        atexit._run_exitfuncs()
 
 
 class Ranks:
@@ -79,22 +94,24 @@ class Ranks:
         *args: further picklable arguments.
         env: environment for every rank, on top of :func:`torchrun_env`.
         envs: per-rank environment on top of that (e.g. an emulated world's ``env(r)``).
-        context: multiprocessing start method or context (default spawn).
+        context: multiprocessing start method or context (default :func:`preloaded_context`).
         pass_events: pass the event queue to ``fn``.
         quiet: silence commlayer's log and torch's FutureWarnings in the ranks.
     """
 
     def __init__(self, fn: Callable[..., Any], world: int, *args: Any, env: Mapping[str, str] | None = None,
-                 envs: Sequence[Mapping[str, str]] | None = None, context: Any = "spawn", pass_events: bool = True,
+                 envs: Sequence[Mapping[str, str]] | None = None, context: Any = None, pass_events: bool = True,
                  quiet: bool = False) -> None:
         if envs is not None and len(envs) != world:
             raise ValueError(f"envs: expected one environment per rank ({world}), got {len(envs)}")
-        ctx: Any = mp.get_context(context) if isinstance(context, str) else context
+        ctx: Any = preloaded_context() if context is None else mp.get_context(context) if isinstance(context, str) else context
         self.world = world
         self.q = ctx.Queue()
         self.env = {**torchrun_env(world), **(env or {})}
+        self._parent_env: dict[str, str] = {}  # filled by start()
         self.procs = [ctx.Process(target=_child, daemon=True, args=(
-            fn, r, world, {**self.env, **(envs[r] if envs else {})}, args, self.q, pass_events, quiet)) for r in range(world)]
+            fn, r, world, {**self.env, **(envs[r] if envs else {})}, self._parent_env, args, self.q, pass_events, quiet))
+            for r in range(world)]
         self.events: list[tuple[int, str, Any]] = []
 
     def start(self) -> Ranks:
@@ -102,6 +119,7 @@ class Ranks:
         # environment they inherit (torchrun likewise sets OMP_NUM_THREADS=1 for its workers).
         saved = dict(os.environ)
         os.environ.update(self.env)
+        self._parent_env.update(os.environ)
         try:
             for p in self.procs:
                 p.start()
@@ -192,7 +210,7 @@ class Ranks:
 def run_world(fn: Callable[..., Any], world_size: int, *args: Any, timeout: float = 120.0,
               env: Mapping[str, str] | None = None, envs: Sequence[Mapping[str, str]] | None = None,
               allow_failures: bool = False) -> list[Any]:
-    """Runs ``fn(rank, world_size, *args)`` on ``world_size`` spawned processes; returns the per-rank results.
+    """Runs ``fn(rank, world_size, *args)`` on ``world_size`` processes (:class:`Ranks`); returns the per-rank results.
 
     Args:
         fn: module-level function.

@@ -24,21 +24,32 @@ def _torchrun(backend: str, out: Path, fail: bool, rdzv: list[str]) -> dict:
     return json.loads(out.read_text())
 
 
-@pytest.mark.slow  # three torchrun jobs of 2 ranks each (about 2 minutes on a loaded 2-core machine)
-@pytest.mark.parametrize("rdzv", ["static", "c10d"])
-def test_restart_after_injected_failure_matches_uninterrupted_run(tmp_path: Path, rdzv: str) -> None:
+def _rdzv_args(rdzv: str) -> list[str]:
     port = free_port()
-    args = ([f"--master-addr=127.0.0.1", f"--master-port={port}"] if rdzv == "static"
+    return ([f"--master-addr=127.0.0.1", f"--master-port={port}"] if rdzv == "static"
             else ["--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-id=elastic-test"])
-    recovered = _torchrun("zmq", tmp_path / "zmq-fail.json", True, args)
-    assert recovered["attempt"] == 1  # the failure happened and the restart finished
-    port2 = free_port()
-    args2 = [a.replace(str(port), str(port2)) for a in args]
-    clean = _torchrun("zmq", tmp_path / "zmq.json", False, args2)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict]:
+    """The references, run once for both rendezvous variants: an uninterrupted zmq run (c10d) and gloo (static).
+
+    The training (seed, data, steps) does not depend on the rendezvous; the recovered runs below use each one.
+    """
+    out = tmp_path_factory.mktemp("uninterrupted")
+    clean = _torchrun("zmq", out / "zmq.json", False, _rdzv_args("c10d"))
     assert clean["attempt"] == 0
-    assert recovered["params"] == clean["params"]
     # The reference runs uninterrupted: gloo itself does not recover under the static rendezvous (its
     # restarted ranks dial the dead attempt's addresses: "Gloo connectFullMesh failed ... Connection refused").
-    port3 = free_port()
-    gloo = _torchrun("gloo", tmp_path / "gloo.json", False, [a.replace(str(port), str(port3)) for a in args])
+    gloo = _torchrun("gloo", out / "gloo.json", False, _rdzv_args("static"))
     assert gloo["params"] == clean["params"]
+    return {"zmq": clean, "gloo": gloo}
+
+
+@pytest.mark.slow  # four torchrun jobs of 2 ranks each (about 2 minutes on a loaded 2-core machine)
+@pytest.mark.parametrize("rdzv", ["static", "c10d"])
+def test_restart_after_injected_failure_matches_uninterrupted_run(tmp_path: Path, rdzv: str,
+                                                                  uninterrupted: dict[str, dict]) -> None:
+    recovered = _torchrun("zmq", tmp_path / "zmq-fail.json", True, _rdzv_args(rdzv))
+    assert recovered["attempt"] == 1  # the failure happened and the restart finished
+    assert recovered["params"] == uninterrupted["zmq"]["params"] == uninterrupted["gloo"]["params"]

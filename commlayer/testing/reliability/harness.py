@@ -1,13 +1,12 @@
 """The reliability runs' process harness: a forkserver that has imported torch, /proc census, leftovers.
 
-Processes come from a ``forkserver`` that has imported torch and this package once, so a kill
-run costs a fork, not a torch import. Ranks are :class:`commlayer.testing.Ranks` (kept by the
+Processes come from the launcher's ``forkserver`` that has imported torch once
+(:func:`commlayer.testing.launch.preloaded_context`), so a kill run costs a fork, not a torch import. Ranks are :class:`commlayer.testing.Ranks` (kept by the
 parent, which may kill, freeze or attack them).
 """
 
 from __future__ import annotations
 
-import multiprocessing as mp
 import os
 import re
 import threading
@@ -18,7 +17,7 @@ from typing import Any, Callable, Mapping, Sequence
 import torch.distributed as dist
 
 from commlayer import settings
-from commlayer.testing.launch import Ranks
+from commlayer.testing.launch import Ranks, preloaded_context
 
 def census(pid: int | str = "self") -> dict[str, int]:
     """File descriptors, OS threads and resident memory of a process (from /proc)."""
@@ -43,18 +42,9 @@ def commlayer_threads() -> list[str]:
     return sorted(t.name for t in threading.enumerate() if t.name.startswith("commlayer"))
 
 
-_CTX: Any = None
-
-
 def context() -> Any:
-    """A forkserver context that has imported torch and this package once (cheap children)."""
-    global _CTX
-    if _CTX is None:
-        os.environ.setdefault("OMP_NUM_THREADS", "1")  # inherited by the server before torch loads
-        ctx = mp.get_context("forkserver")
-        ctx.set_forkserver_preload(["torch", "torch.distributed", "commlayer.testing.reliability"])
-        _CTX = ctx
-    return _CTX
+    """The launcher's forkserver context, which has imported torch once (cheap children)."""
+    return preloaded_context()
 
 
 class World(Ranks):
