@@ -14,7 +14,11 @@ Time to target = training time until the eval loss first reaches ``--target-loss
 excluded); a configuration stopped by ``--budget-s`` before reaching it gives a lower bound of
 the speed-up (">="). Medians over ``--repeats``. The controller's choices (``auto_plan`` events,
 ``COMMLAYER_METRICS``) are printed per bucket with the reason; ``auto_step`` events give bytes per
-step and compute utilization. The machine's memcpy bandwidth, core count and load are printed.
+step and compute utilization. The machine line (cores, load, memcpy) is printed before and after.
+
+Every repeat is a fresh world (new namespaces, new processes) running each configuration once, so
+``auto``'s controller re-probes, re-measures and starts without error-feedback residuals in each
+repeat, and load changes over the run hit every configuration alike.
 
     python benchmarks/adaptive_training.py                                  # all four profiles
     python benchmarks/adaptive_training.py --profiles wan-20mbit-50ms --repeats 1 --steps 40
@@ -34,6 +38,7 @@ from typing import Any
 from commlayer.adapt.metrics import read_jsonl
 from commlayer.demo.report import format_table, summarize
 from commlayer.demo.runner import pick_mode, run_world
+from commlayer.testing.machine import machine_line
 
 #: A home uplink of 2 Mbit/s behind a 2 s modem queue (bufferbloat), 20 Mbit/s down.
 BLOATED_2MBIT = {"name": "bloated-2mbit-uplink", "core_delay_ms": 10.0, "devices": ["bloated-2mbit"],
@@ -43,36 +48,20 @@ PROFILES = {"wan-20mbit-50ms": "wan-20mbit-50ms", "home-broadband": "home-broadb
             "datacenter": "datacenter"}
 
 
-def machine() -> dict[str, Any]:
-    """memcpy bandwidth (best of 5 copies of 256 MiB), cores and load, printed with every result."""
-    import torch
-
-    a = torch.empty(64 << 20, dtype=torch.float32)
-    b = torch.empty_like(a)
-    best = min(_timed(lambda: b.copy_(a)) for _ in range(5))
-    return {"memcpy_GBps": a.numel() * 4 / best / 1e9, "cores": os.cpu_count(), "loadavg": os.getloadavg()}
-
-
-def _timed(fn: Any) -> float:
-    t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0
-
-
-def _run(profile: str, mode: str, configs: list[str], args: argparse.Namespace, auto: bool) -> list[dict[str, Any]]:
+def _run(profile: str, mode: str, configs: list[str], args: argparse.Namespace, auto: bool, rep: int) -> list[dict[str, Any]]:
     t0 = time.monotonic()
 
     def ev(event: str, d: dict[str, Any]) -> None:
         if event in ("start", "end"):
             print(f"  [{time.monotonic() - t0:5.0f}s] {profile} {'auto' if auto else d['config']} {event}", flush=True)
 
-    metrics = str(Path(args.out).parent / f"adaptive_{profile}_{{rank}}.jsonl")
+    metrics = str(Path(args.out).parent / f"adaptive_{profile}_r{rep}_{{rank}}.jsonl")
     saved = {k: os.environ.get(k) for k in ("COMMLAYER_CODEC", "COMMLAYER_METRICS")}
     if auto:  # the environment is the only change: the worker's DDP code is the same as zmq:dense's
         os.environ.update({"COMMLAYER_CODEC": "auto", "COMMLAYER_METRICS": metrics})
         Path(metrics.format(rank=0)).unlink(missing_ok=True)
     wargs = ["--configs", ";".join(configs), "--max-steps", str(args.steps), "--target-loss", str(args.target_loss),
-             "--eval-every", "4", "--repeats", str(args.repeats), "--budget-s", str(args.budget_s), "--task", args.task]
+             "--eval-every", "4", "--repeats", "1", "--budget-s", str(args.budget_s), "--task", args.task]
     try:
         res = run_world(args.nproc, PROFILES[profile], mode, "commlayer.demo.worker", wargs, timeout_s=args.timeout, on_event=ev)
     finally:
@@ -85,7 +74,7 @@ def _run(profile: str, mode: str, configs: list[str], args: argparse.Namespace, 
         print("\n".join(res.tail[-30:]), file=sys.stderr)
         raise SystemExit(f"{profile}: ranks exited with {res.returncodes}")
     for r in res.results:
-        r["profile"] = profile
+        r["profile"], r["repeat"] = profile, rep
         if auto:
             r["config"], r["label"] = "zmq:auto", "commlayer zmq, COMMLAYER_CODEC=auto, unmodified DDP"
             r["controller"] = _controller(metrics.format(rank=0))
@@ -97,13 +86,19 @@ def _controller(path: str) -> dict[str, Any]:
     if not os.path.exists(path):
         return {"decisions": [], "steps": 0}
     events = read_jsonl(path)
-    latest = {e["bucket"]: e for e in events if e["event"] == "auto_plan"}
+    plans = [e for e in events if e["event"] == "auto_plan"]
+    latest = {e["bucket"]: e for e in plans}
+    history: dict[int, list[str]] = {}
+    for e in plans:
+        history.setdefault(e["bucket"], []).append(e["codec"] or "exact")
+    flips = sum(1 for h in history.values() for a, b in zip(h, h[1:]) if a != b)
     steps = [e for e in events if e["event"] == "auto_step"][2:]  # skip the measuring steps
     util = [e["utilization"] for e in steps if e.get("utilization") is not None]
     return {"decisions": [latest[k] for k in sorted(latest)], "steps": len(steps),
             "wire_bytes_per_step": statistics.median(e["wire_bytes"] for e in steps) if steps else None,
             "utilization": statistics.median(util) if util else None,
-            "replans": sum(1 for e in events if e["event"] == "replan")}
+            "replans": sum(1 for e in events if e["event"] == "replan"), "flips": flips,
+            "history": {str(k): v for k, v in history.items()}}
 
 
 def controller_table(ctl: dict[str, Any]) -> str:
@@ -115,7 +110,8 @@ def controller_table(ctl: dict[str, Any]) -> str:
     wb, ut = ctl.get("wire_bytes_per_step"), ctl.get("utilization")
     lines.append(f"wire bytes per step (rank 0, payload): {wb / 1e6:.3f} MB" if wb is not None else "wire bytes per step: n/a")
     lines.append(f"compute utilization (compute / step period, median): {ut:.1%}" if ut is not None else "utilization: n/a")
-    lines.append(f"link re-probes: {ctl.get('replans', 0)}")
+    lines.append(f"link re-probes: {ctl.get('replans', 0)}; codec changes after the first plan: {ctl.get('flips', 0)}; "
+                 f"plans per bucket: {ctl.get('history', {})}")
     return "\n".join(lines)
 
 
@@ -130,6 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--task", default="{}", help="TaskConfig fields as JSON (e.g. a larger model: '{\"hidden\": 2048}')")
     ap.add_argument("--powersgd-rank", type=int, default=2)
     ap.add_argument("--mode", choices=["relay", "netns"], default=None)
+    ap.add_argument("--auto-only", action="store_true", help="run only the auto configuration (no gloo peers: not a comparison)")
     ap.add_argument("--out", default="results/adaptive_training.json")
     ap.add_argument("--timeout", type=float, default=3000.0)
     args = ap.parse_args(argv)
@@ -137,21 +134,27 @@ def main(argv: list[str] | None = None) -> int:
     if note:
         print(f"note: {note}")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    mach = machine()
-    print(f"# machine: {mach['cores']} cores, memcpy {mach['memcpy_GBps']:.1f} GB/s, load average {mach['loadavg']}", flush=True)
+    mach = {"start": machine_line(), "loadavg_start": os.getloadavg()}
+    print(f"# machine: {mach['start']}", flush=True)
     base = ["gloo:dense", f"gloo:torch-powersgd:{args.powersgd_rank}"] if mode == "netns" else ["zmq:dense"]
     doc: dict[str, Any] = {"mode": mode, "nproc": args.nproc, "steps": args.steps, "target_loss": args.target_loss,
                            "task": json.loads(args.task), "machine": mach, "profiles": {}}
     for profile in [p for p in args.profiles.split(",") if p]:
         print(f"# {profile}: {args.nproc} ranks, {mode} mode, {args.steps} steps, target eval loss {args.target_loss}", flush=True)
-        runs = _run(profile, mode, base, args, auto=False) + _run(profile, mode, ["zmq:dense"], args, auto=True)
+        runs: list[dict[str, Any]] = []
+        for rep in range(args.repeats):
+            if not args.auto_only:
+                runs += _run(profile, mode, base, args, auto=False, rep=rep)
+            runs += _run(profile, mode, ["zmq:dense"], args, auto=True, rep=rep)
         rows = summarize(runs)
         print(format_table(rows, rows[0]["config"]), flush=True)
-        auto_runs = [r for r in runs if r["config"] == "zmq:auto"]
-        if auto_runs:
-            print(controller_table(auto_runs[-1]["controller"]), flush=True)
+        for r in (r for r in runs if r["config"] == "zmq:auto"):
+            print(f"auto, repeat {r['repeat']}:\n{controller_table(r['controller'])}", flush=True)
         doc["profiles"][profile] = {"rows": rows, "runs": runs}
         Path(args.out).write_text(json.dumps(doc, indent=1, default=str))
+    mach.update(end=machine_line(), loadavg_end=os.getloadavg())
+    print(f"# machine at the end: {mach['end']}")
+    Path(args.out).write_text(json.dumps(doc, indent=1, default=str))
     print(f"wrote {args.out}")
     return 0
 

@@ -123,10 +123,10 @@ def _rate_drop(rank: int, world: int, envs: list[dict[str, str]], t_drop: float)
 
 def test_rate_drop_triggers_replan_within_three_steps() -> None:
     t0 = time.monotonic()
-    # 40 -> 4 Mbit/s on every link, 12 s after the world starts (start-up and probes take 3-8 s)
-    spec = LinkSpec(10.0, 40.0, schedule=(ScheduleStep(12.0, rate_mbit=4.0),))
+    # 40 -> 4 Mbit/s on every link, 40 s after the world starts (start-up and probes take 3-8 s idle, over 11 s at load 20)
+    spec = LinkSpec(10.0, 40.0, schedule=(ScheduleStep(40.0, rate_mbit=4.0),))
     with emulated_world(3, uniform_matrix("drop", 3, spec)) as w:
-        t_drop = w.t0 + 12.0
+        t_drop = w.t0 + 40.0
         out = run_world(_rate_drop, 3, [w.env(r) for r in range(3)], t_drop, timeout=150)
     assert time.monotonic() - t0 < 150
     steps = out[0]["steps"]

@@ -16,7 +16,8 @@ Loop per training step (all ranks, same order)::
 ``maybe_replan`` sends this rank's drift summary and reads everyone's summary of the *previous*
 call (already in flight, so it costs no round trip). If any rank saw the measured time leave the
 prediction by more than ``drift_threshold`` (or the probe budget allows a periodic refresh), all
-ranks re-probe together and bump the version: a change shows up in the plan at most 2 steps later.
+ranks re-probe together and bump the version: a change beyond ``drift_urgent`` shows up in the plan
+at most 2 steps later; a smaller drift re-probes once it has cost as much time as the last probe.
 """
 
 from __future__ import annotations
@@ -92,6 +93,11 @@ class PlannerConfig:
         drift_min_s: ...and the smoothed measured time is more than this many seconds off the prediction (on
             fast links a loaded CPU makes every collective take several times its prediction, a few ms each:
             re-probing would not change the plan, only cost probes).
+        drift_urgent: a smoothed ratio beyond [1/u, u] re-probes at once (a rate drop: the issue's "within
+            3 steps"); a drift between ``1 + drift_threshold`` and this must first have cost as much time as
+            the last probe took (the summed |measured - predicted| since it, on the rank where it is largest):
+            on a loaded CPU, CPU-bound compressed collectives drift 1.5-2x with unchanged links, and each
+            re-probe (4-6 s on 4 ranks at 20 Mbit/s) would cost more than the misprediction it can fix.
         probe_budget: fraction of collective time that periodic re-probes may take (0.01 = 1 %).
         min_reprobe_steps: at least this many steps between drift-triggered re-probes.
         weight: EWMA weight of a new observation.
@@ -106,6 +112,7 @@ class PlannerConfig:
     chunk_candidates: tuple[int, ...] = (64 << 10, 256 << 10, 1 << 20, 4 << 20)
     drift_threshold: float = 0.5
     drift_min_s: float = 0.05
+    drift_urgent: float = 3.0
     probe_budget: float = 0.01
     min_reprobe_steps: int = 3
     weight: float = 0.5
@@ -144,6 +151,8 @@ class Planner:
         self._last_probe_call = 0
         self._backoff = self.config.min_reprobe_steps
         self._probe_s = 0.0
+        self._last_probe_s = 0.0  # duration of the latest probe on this rank
+        self._missed_s = 0.0  # summed |measured - predicted| since the latest probe
         self._collective_s = 0.0
         self._uninstall = install_hooks(transport, self.state)
         self.replans: list[dict[str, Any]] = []
@@ -166,6 +175,7 @@ class Planner:
         self._epoch += 1
         res = probe_links(self.transport, self.ranks, self.config.probe, self._epoch, self.state)
         self._probe_s += res.seconds
+        self._last_probe_s, self._missed_s = res.seconds, 0.0
         old = self.snapshot
         self.snapshot = res.snapshot
         self.version += 1
@@ -215,6 +225,7 @@ class Planner:
         if plan.version == self.version and plan.predicted_s > 0:
             self._ratio.update(seconds / plan.predicted_s)
             self._excess.update(seconds - plan.predicted_s)
+            self._missed_s += abs(seconds - plan.predicted_s)
         self.metrics.emit("collective", plan=plan.tag, nbytes=nbytes, seconds=seconds, predicted_s=plan.predicted_s,
                           achieved_mbit=nbytes * 8e-6 / seconds if seconds > 0 else None, **(extra or {}))
 
@@ -225,7 +236,8 @@ class Planner:
         self._calls += 1
         r = self._ratio.mean if self._ratio.n else 1.0
         excess = abs(self._excess.mean) if self._excess.n else 0.0
-        mine = [float(step), r, float(self._ratio.n), self._collective_s, float(self.version), self._probe_s, excess]
+        mine = [float(step), r, float(self._ratio.n), self._collective_s, float(self.version), self._probe_s, excess,
+                self._missed_s, self._last_probe_s]
         send_vector(self.transport, self.ranks, cfg.channel, call, mine, op="adapt-drift")
         if call == 0:
             self._prev = mine
@@ -241,8 +253,13 @@ class Planner:
         worst = max(ratios, key=lambda x: abs(math.log(max(x, 1e-9)))) if ratios else 1.0
         since = call - self._last_probe_call
         why = ""
-        if ratios and (worst > 1 + cfg.drift_threshold or worst < 1 / (1 + cfg.drift_threshold)) and since >= self._backoff:
-            why = f"drift: measured/predicted = {worst:.2f} (threshold {cfg.drift_threshold})"
+        drifted = bool(ratios) and (worst > 1 + cfg.drift_threshold or worst < 1 / (1 + cfg.drift_threshold))
+        urgent = drifted and (worst > cfg.drift_urgent or worst < 1 / cfg.drift_urgent)
+        missed, probe_cost = max(row[7] for row in rows), max(row[8] for row in rows)
+        if drifted and since >= self._backoff and (urgent or missed >= probe_cost):
+            why = (f"drift: measured/predicted = {worst:.2f} (threshold {cfg.drift_threshold}"
+                   + (f", urgent beyond {cfg.drift_urgent:g})" if urgent else
+                      f"; {missed:.2f} s mispredicted since the last probe, which took {probe_cost:.2f} s)"))
         elif cfg.probe_budget > 0 and self._probe_s > 0 and since >= self._backoff:
             elapsed, spent = max(row[3] for row in rows), max(row[5] for row in rows)
             if spent * (1 + 1.0 / max(1, self._epoch)) <= cfg.probe_budget * elapsed:
