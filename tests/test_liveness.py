@@ -92,6 +92,27 @@ def test_tcp_view_finds_connections_and_their_acks() -> None:
             s.close()
 
 
+def test_a_peer_is_judged_by_the_worst_rtt_of_this_hosts_connections() -> None:
+    """bloat2m: two ranks that only exchange heartbeats wait behind the same 3 s uplink queue as the bulk
+    data to a neighbour; only the neighbour's connection measured it. The exam must use that RTT."""
+    from commlayer.transport.liveness import PeerLive, verdict
+    from commlayer.transport.tcpinfo import TcpConn
+
+    view = TcpView(listen_port=1, shared_hosts=set())
+    bulk = TcpConn(("10.0.0.1", 40000), ("10.0.0.2", 5000), 0, 0, 9, 0.1, 0.1, 3.2, 0.4)  # the ring neighbour
+    quiet = TcpConn(("10.0.0.1", 40001), ("10.0.0.3", 5000), 3, 0, 1, 3.5, 3.5, 0.05, 0.01)  # heartbeats only
+    view.conns = [bulk, quiet]
+    assert view.rtt("10.0.0.3", 5000) == (0.05, 0.01)
+    assert view.host_rtt() == (3.2, 0.4)
+    cfg = LivenessConfig()
+    live = PeerLive(False, 1, "10.0.0.3", 5000, 0.0, kernel_rtt=view.host_rtt())
+    t = live.timeout(cfg)
+    assert t == pytest.approx(cfg.heartbeat + 3.2 + 4 * 0.4)
+    assert verdict(live, 3.6, t, view) is None  # silent 3.6 s with 3 RTOs: alive behind the queue
+    assert verdict(live, 3.6, PeerLive(False, 1, "10.0.0.3", 5000, 0.0, kernel_rtt=view.rtt("10.0.0.3", 5000)).timeout(cfg),
+                   view) is not None  # what its own connection alone concluded (a false death)
+
+
 def test_send_queue_bounds_bytes_inside_zeromq() -> None:
     """A receiver that stops reading: the sender's queue stops at the limit and times out, naming the
     knob; once the receiver reads again every message arrives."""

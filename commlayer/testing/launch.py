@@ -4,8 +4,10 @@ Two front ends share one supervision loop and one way to stop processes
 (:mod:`commlayer.testing.supervise`):
 
 * :class:`Ranks` / :func:`run_world`: ``fn(rank, world, *args)`` in N processes of a
-  multiprocessing context (by default :func:`preloaded_context`, a forkserver that has imported
-  torch once, so a rank costs a fork instead of a 5-10 s torch import). Used by the tests,
+  multiprocessing context (spawn by default; :func:`preloaded_context` is a forkserver that has
+  imported torch once, so a rank costs a fork instead of a 5-10 s torch import, for callers that
+  build no gloo DDP: torch 2.13 can deadlock there when a forked rank frees a gloo group while the
+  group's thread still drops a captured Python object). Used by the tests,
   benchmarks, examples and ``commlayer probe``. Results travel back through a multiprocessing
   queue (a harness channel, never commlayer's wire).
 * :func:`run_ranks`: N command lines (``python script.py`` behind an optional ``ip netns exec``
@@ -43,7 +45,13 @@ _CTX: Any = None
 
 
 def preloaded_context() -> Any:
-    """The default start method: a forkserver that has imported torch (its children fork, they do not import it)."""
+    """A forkserver that has imported torch (its children fork, they do not import it).
+
+    Not the default: in ranks that free a gloo ProcessGroup (e.g. DDP over gloo as a reference) while
+    gloo's run loop still releases a future callback's captured thread-local Python state, torch 2.13
+    deadlocks (the destructor joins the thread holding the GIL; the thread waits for the GIL). Seen
+    2 in 5 runs of the DDP hook tests and once in the client suite with forked ranks, never with spawn.
+    """
     global _CTX
     if _CTX is None:
         os.environ.setdefault("OMP_NUM_THREADS", "1")  # inherited by the server before torch loads
@@ -94,7 +102,7 @@ class Ranks:
         *args: further picklable arguments.
         env: environment for every rank, on top of :func:`torchrun_env`.
         envs: per-rank environment on top of that (e.g. an emulated world's ``env(r)``).
-        context: multiprocessing start method or context (default :func:`preloaded_context`).
+        context: multiprocessing start method or context (default spawn; see :func:`preloaded_context`).
         pass_events: pass the event queue to ``fn``.
         quiet: silence commlayer's log and torch's FutureWarnings in the ranks.
     """
@@ -104,7 +112,7 @@ class Ranks:
                  quiet: bool = False) -> None:
         if envs is not None and len(envs) != world:
             raise ValueError(f"envs: expected one environment per rank ({world}), got {len(envs)}")
-        ctx: Any = preloaded_context() if context is None else mp.get_context(context) if isinstance(context, str) else context
+        ctx: Any = mp.get_context(context or "spawn") if context is None or isinstance(context, str) else context
         self.world = world
         self.q = ctx.Queue()
         self.env = {**torchrun_env(world), **(env or {})}

@@ -9,7 +9,8 @@ alive. A peer silent for longer than its adaptive timeout
 its delivery with Linux's 200 ms minimum RTO; so T is never below the heartbeat)
 
 is examined, not declared dead at once (SRTT/RTTVAR: the larger of the heartbeat round trips and
-the kernel's own estimate on the peer's TCP connections, so queueing delay on a bloated link counts):
+the kernel's own estimate on the worst of this rank's TCP connections, so queueing delay on a
+bloated link counts even for a peer that only exchanges heartbeats behind that queue):
 
 * a **remote** peer is dead only if the kernel saw no byte and no acknowledgement from it for
   ``T`` either, and has retransmitted to it without success (a silent link). A peer whose host still

@@ -114,3 +114,16 @@ class TcpView:
             return None
         c = max(conns, key=lambda c: c.srtt + 4 * c.rttvar)
         return c.srtt, c.rttvar
+
+    def host_rtt(self) -> tuple[float, float] | None:
+        """The largest (srtt, rttvar) on any of this process's connections.
+
+        A full queue on this host's uplink (or on a busy peer's, which delays its acknowledgements)
+        delays every connection through it, including those to peers that only exchange heartbeats
+        and so never measured the queue themselves.
+        """
+        conns = [c for c in self.conns if c.srtt > 0]
+        if not conns:
+            return None
+        c = max(conns, key=lambda c: c.srtt + 4 * c.rttvar)
+        return c.srtt, c.rttvar
