@@ -37,6 +37,7 @@ import logging
 import os
 import threading
 import time
+import traceback
 import weakref
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
@@ -131,7 +132,7 @@ def shm_allreduce(comm: OpComm, flat: torch.Tensor, op: ReduceOp, enabled: bool 
         # Steady state: the fingerprint travels in the region beside the data (no socket message) and
         # every rank compares all of them after the first barrier, before it reads any input.
         comm.declare(count=flat.numel(), dtype=flat.dtype, redop=op)
-        _allreduce(state, comm, flat, op)
+        _run(state, comm, flat, op)
         return True
     # The group's first call (set-up), an empty call or the debug mode's shape check: every rank's call
     # is compared over the sockets first (one payload-free message per peer).
@@ -142,8 +143,18 @@ def shm_allreduce(comm: OpComm, flat: torch.Tensor, op: ReduceOp, enabled: bool 
     if state.region is None:
         return False
     if flat.numel():
-        _allreduce(state, comm, flat, op)
+        _run(state, comm, flat, op)
     return True
+
+
+def _run(state: _State, comm: OpComm, flat: torch.Tensor, op: ReduceOp) -> None:
+    try:
+        _allreduce(state, comm, flat, op)
+    except BaseException as exc:
+        # The failed frames hold views of the mapping (flag words, areas); the error lives on in the
+        # group and its Works, and while they do the region cannot be unmapped, nor its fd closed.
+        traceback.clear_frames(exc.__traceback__)
+        raise
 
 
 # ---- the algorithm ------------------------------------------------------------------------------
@@ -165,8 +176,6 @@ def _allreduce(state: _State, comm: OpComm, flat: torch.Tensor, op: ReduceOp) ->
     p, r, dt, n = comm.size, comm.rank, flat.dtype, flat.numel()
     esize = flat.element_size()
     deadline = time.monotonic() + comm.timeout
-    # A peer that runs another collective instead never arrives; that collective's messages or its
-    # fingerprint confirmations (rooted ones) reach this rank's transport, which fails the group (check).
     mine = call_tag(comm, flat, op)
 
     def check(q: int, now: float) -> None:

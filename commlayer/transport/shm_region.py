@@ -219,7 +219,7 @@ class Region:
 
     def close(self) -> None:
         """Unmaps the segment (later, when the last view dies, if views are still alive)."""
-        self._bytes = self._flags = self._tagv = None  # type: ignore[assignment]
+        self._bytes = self._flags = self._tagv = self._release = None  # type: ignore[assignment]
         self._views.clear()
         try:
             self.mm.close()
