@@ -19,7 +19,8 @@ A probe is collective: every rank of the group calls :func:`probe_links` with th
    slow a train down; a short train can read a burst from a socket buffer as bandwidth). A reading
    whose longest train stayed shorter than ``train_s`` (the size cap was reached first: a link
    faster than ``max_train_bytes / train_s``, 670 Mbit/s by default), or during which the receiving
-   process kept more than ``cpu_bound`` of a core busy (the host may have set the pace), is marked a
+   process kept more than ``cpu_bound`` of a core busy or waited that long for one (a loaded host:
+   the host may have set the pace), is marked a
    *lower bound* (the link may be faster than this host could measure):
    ``snapshot.meta["lower_bound"][i][j]``; the codec controller never compresses on one.
 3. The per-rank results (outgoing RTTs, incoming bandwidths) are all-gathered, so every rank builds
@@ -30,6 +31,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import resource
 import statistics
 import threading
@@ -62,7 +64,7 @@ class ProbeConfig:
         train_s: a train shorter than this is repeated, larger (fast links).
         max_train_bytes: the largest train.
         max_trains: trains per link and probe at most.
-        cpu_bound: a reading during which this process used more than this many CPU seconds per second
+        cpu_bound: a reading during which this process used (or waited on a run queue for) more than this many CPU seconds per second
             (receiving, in all its threads) is only a lower bound: the host, not the link, may have set the pace.
     """
 
@@ -131,8 +133,17 @@ def _send_train(transport: Any, to: int, cfg: ProbeConfig, seq: int, errors: lis
 
 
 def _cpu_s() -> float:
-    ru = resource.getrusage(resource.RUSAGE_SELF)  # every thread of this process, the transport's I/O thread too
-    return ru.ru_utime + ru.ru_stime
+    """CPU seconds this process ran plus seconds its threads waited on a run queue (Linux schedstat):
+    either way the host, not the link, was setting the pace. Every thread, the transport's I/O thread too."""
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    waited = 0
+    try:
+        for tid in os.listdir("/proc/self/task"):
+            with open(f"/proc/self/task/{tid}/schedstat") as f:
+                waited += int(f.read().split()[1])
+    except (OSError, ValueError, IndexError):
+        pass  # no schedstat here: CPU time alone
+    return ru.ru_utime + ru.ru_stime + waited / 1e9
 
 
 def _one_train(transport: Any, frm: int, cfg: ProbeConfig, seq: int, attempt: int, nbytes: int,
