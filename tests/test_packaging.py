@@ -34,6 +34,12 @@ def test_wheel_contains_mapped_packages(tmp_path: Path) -> None:
     assert "commlayer/codecs/__init__.py" in names
     assert "commlayer/topologies/__init__.py" in names
     assert not any(n.startswith("codecs/") or n.startswith("topologies/") for n in names)
+    # Every module of every package directory is in the wheel (a sub-package missing from pyproject's
+    # list works in an editable install and is silently absent from a real one).
+    for top, installed in (("commlayer", "commlayer"), ("codecs", "commlayer/codecs"), ("topologies", "commlayer/topologies")):
+        for path in (ROOT / top).rglob("*.py"):
+            rel = f"{installed}/{path.relative_to(ROOT / top).as_posix()}"
+            assert rel in names, f"{rel} is not in the wheel: add its package to [tool.setuptools] packages"
     entry_points = next(n for n in names if n.endswith("entry_points.txt"))
     text = zipfile.ZipFile(wheel).read(entry_points).decode()
     assert "[torch.backends]" in text and "zmq = commlayer._autoload:autoload" in text
