@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -89,13 +90,27 @@ def _env_get(rank: int, world_size: int, name: str) -> str | None:
     return os.environ.get(name)
 
 
-def test_ranks_see_the_parents_environment_at_start_not_the_forkservers(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Ranks fork from a server started earlier; each must still get the parent's environment as it is now."""
-    assert run_world(_env_get, 1, "HOME", timeout=60)[0]  # the forkserver runs, with HOME set
+def _run(context: str, fn: Any, world: int, *args: Any) -> list[Any]:
+    """``fn`` on ``world`` ranks started by spawn (the default) or by the torch-preloaded forkserver."""
+    from commlayer.testing.launch import Ranks, preloaded_context
+
+    w = Ranks(fn, world, *args, context=preloaded_context() if context == "forkserver" else context, pass_events=False).start()
+    try:
+        got = w.wait_for("result", list(range(world)), 60)
+    finally:
+        w.close()
+    assert all(k == "result" for k, _ in got.values()), got
+    return [got[r][1] for r in range(world)]
+
+
+@pytest.mark.parametrize("context", ["spawn", "forkserver"])
+def test_ranks_see_the_parents_environment_at_start_not_the_forkservers(context: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Forked ranks come from a server started earlier; each must still get the parent's environment as it is now."""
+    assert _run(context, _env_get, 1, "HOME")[0]  # the forkserver runs, with HOME set
     monkeypatch.setenv("COMMLAYER_TEST_LATE_VAR", "late")
     monkeypatch.delenv("HOME")
-    assert run_world(_env_get, 2, "COMMLAYER_TEST_LATE_VAR", timeout=60) == ["late", "late"]
-    assert run_world(_env_get, 1, "HOME", timeout=60) == [None]
+    assert _run(context, _env_get, 2, "COMMLAYER_TEST_LATE_VAR") == ["late", "late"]
+    assert _run(context, _env_get, 1, "HOME") == [None]
 
 
 def _leave_with_atexit(rank: int, world_size: int, path: str) -> int:
@@ -106,7 +121,8 @@ def _leave_with_atexit(rank: int, world_size: int, path: str) -> int:
     return rank
 
 
-def test_ranks_run_their_atexit_handlers(tmp_path: Path) -> None:
+@pytest.mark.parametrize("context", ["spawn", "forkserver"])
+def test_ranks_run_their_atexit_handlers(context: str, tmp_path: Path) -> None:
     """A rank leaves as a spawned interpreter would: its atexit handlers (e.g. commlayer closing live groups) run."""
-    assert run_world(_leave_with_atexit, 1, str(tmp_path / "flag"), timeout=60) == [0]
+    assert _run(context, _leave_with_atexit, 1, str(tmp_path / "flag")) == [0]
     assert (tmp_path / "flag").read_text() == "rank 0 exited cleanly"
